@@ -1,0 +1,215 @@
+"""RunConfig: every knob of a run, validated on construction, JSON round-trippable.
+
+Validation errors are `ConfigError`s whose message names the bad field, the problem and the fix,
+so the CLI can print it as one line and the dashboard can show it next to the widget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from engine.models.config import MODEL_CONFIGS, LlamaConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+KV_DTYPES = ("auto", "fp32", "bf16", "fp16")  # "auto": the model's dtype
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+WORKLOAD_KINDS = ("synthetic", "file", "preset")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; `field` names the offending knob."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def parse_bytes(text: str | int) -> int:
+    """'64MiB', '1.5GiB', '500MB', '1024' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConfigError("kv_budget", f"cannot read {text!r} as a size; write e.g. 64MiB or 1GiB")
+    number, unit = float(m.group(1)), (m.group(2) or "").upper()
+    scale = {"": 1, "B": 1, "K": 1024, "KB": 1000, "KIB": 1024, "M": 1024**2, "MB": 1000**2,
+             "MIB": 1024**2, "G": 1024**3, "GB": 1000**3, "GIB": 1024**3, "T": 1024**4,
+             "TB": 1000**4, "TIB": 1024**4}
+    return int(number * scale[unit])
+
+
+@dataclass(slots=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError("temperature", "must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p", "must be in (0, 1]")
+        if self.top_k < 0:
+            raise ConfigError("top_k", "must be >= 0 (0 disables top-k)")
+
+
+@dataclass(slots=True)
+class WorkloadSpec:
+    """Which requests a run serves: a named preset, a JSON-lines file, or synthetic settings."""
+
+    kind: str = "preset"
+    name: str = "shared-prefix"  # preset name (engine.workload.PRESETS)
+    path: str | None = None  # JSON-lines file for kind == "file"
+    num_requests: int = 16
+    arrival_rate: float = 0.0  # requests per second, Poisson; 0 = all arrive at t=0
+    prompt_len_min: int = 16
+    prompt_len_max: int = 128
+    output_len_min: int = 16
+    output_len_max: int = 64
+    num_prefix_groups: int = 0  # groups of requests sharing a system prompt
+    shared_prefix_len: int = 256  # tokens of that shared system prompt
+    num_turns: int = 1  # > 1: multi-turn chats that resend earlier turns
+
+    def __post_init__(self) -> None:
+        if self.kind not in WORKLOAD_KINDS:
+            raise ConfigError("workload.kind", f"{self.kind!r} is not one of {WORKLOAD_KINDS}")
+        if self.kind == "file" and not self.path:
+            raise ConfigError("workload.path", "a file workload needs a path to a JSON-lines file")
+        for name in ("num_requests", "prompt_len_min", "output_len_min", "num_turns"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"workload.{name}", "must be at least 1")
+        if self.prompt_len_max < self.prompt_len_min:
+            raise ConfigError("workload.prompt_len_max", "must be >= prompt_len_min")
+        if self.output_len_max < self.output_len_min:
+            raise ConfigError("workload.output_len_max", "must be >= output_len_min")
+        if self.arrival_rate < 0:
+            raise ConfigError("workload.arrival_rate", "must be >= 0 (0: all arrive at once)")
+        if self.num_prefix_groups < 0 or self.shared_prefix_len < 0:
+            raise ConfigError("workload.num_prefix_groups", "prefix settings must be >= 0")
+
+
+@dataclass(slots=True)
+class RunConfig:
+    """Every knob of one run. Construct it and it is valid, or a ConfigError says why not."""
+
+    model: str = "smollm2"  # key of engine.models.config.MODEL_CONFIGS
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    kv_dtype: str = "auto"  # auto: same as dtype
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # KV blocks; give this or kv_budget_bytes (neither: 1024)
+    kv_budget_bytes: int | None = None  # a byte budget for the KV cache, turned into blocks
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 8  # requests running at once
+    max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
+    max_model_len: int | None = None  # None: the model's context length
+    keyframe_interval: int = 50  # steps between full block-state snapshots in the trace
+    seed: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingConfig(**self.sampling)
+        if isinstance(self.workload, dict):
+            self.workload = WorkloadSpec(**self.workload)
+        if self.model not in MODEL_CONFIGS:
+            raise ConfigError("model", f"unknown model {self.model!r}; choose one of "
+                              f"{sorted(MODEL_CONFIGS)}")
+        for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("kv_dtype", KV_DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(name, f"{getattr(self, name)!r} is not one of {allowed}")
+        bs = self.block_size
+        if bs < 1 or bs & (bs - 1):
+            raise ConfigError("block_size", f"{bs} is not a power of two; use e.g. 16 or 32")
+        if self.num_blocks is not None and self.kv_budget_bytes is not None:
+            raise ConfigError("num_blocks", "give either num_blocks or kv_budget_bytes, not both")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs", "must be at least 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError("max_num_batched_tokens",
+                              f"must be >= max_num_seqs ({self.max_num_seqs}) so every running "
+                              "request can decode in one step")
+        if self.keyframe_interval < 1:
+            raise ConfigError("keyframe_interval", "must be at least 1")
+        context = self.model_config.max_position_embeddings
+        if self.max_model_len is not None and not 1 <= self.max_model_len <= context:
+            raise ConfigError("max_model_len", f"must be in 1..{context} (the model's context)")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError("num_blocks", "must be at least 1")
+        needed = math.ceil(self.resolved_max_model_len / bs)
+        have = self.resolved_num_blocks
+        if have < needed:
+            source = ("num_blocks" if self.kv_budget_bytes is None else "kv_budget_bytes")
+            raise ConfigError(
+                source,
+                f"the KV cache has {have} blocks of {bs} tokens but one full-length request "
+                f"({self.resolved_max_model_len} tokens) needs {needed}; raise the budget to at "
+                f"least {needed * self.kv_bytes_per_block} bytes ({needed} blocks) or lower "
+                "max_model_len",
+            )
+
+    # Derived values -------------------------------------------------------------------------
+    @property
+    def model_config(self) -> LlamaConfig:
+        return MODEL_CONFIGS[self.model]
+
+    @property
+    def resolved_max_model_len(self) -> int:
+        return self.max_model_len or self.model_config.max_position_embeddings
+
+    def resolved_kv_dtype(self, device_type: str) -> str:
+        """The cache element type once the device is known."""
+        if self.kv_dtype != "auto":
+            return self.kv_dtype
+        return self.resolved_dtype(device_type)
+
+    def resolved_dtype(self, device_type: str) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if device_type == "cuda" else "fp32"
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        # Before the device is known, "auto" is sized as fp32 (the CPU default); the engine
+        # recomputes the block count with the real element size when it builds the cache.
+        kv = self.kv_dtype if self.kv_dtype != "auto" else (
+            self.dtype if self.dtype != "auto" else "fp32")
+        return self.block_size * self.model_config.kv_bytes_per_token(DTYPE_BYTES[kv])
+
+    @property
+    def resolved_num_blocks(self) -> int:
+        if self.num_blocks is not None:
+            return self.num_blocks
+        if self.kv_budget_bytes is not None:
+            return self.kv_budget_bytes // self.kv_bytes_per_block
+        return max(1024, math.ceil(self.resolved_max_model_len / self.block_size))
+
+    # JSON -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], f"unknown setting; known ones are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)

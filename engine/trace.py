@@ -1,0 +1,182 @@
+"""Trace types: the contract between the engine, the store and the dashboard pages.
+
+All times are seconds from run start (monotonic clock); ids are integers. Steps are numbered
+from 1; the keyframe with step 0 is the state before the first step. Block events carry the
+step they happened in and are emitted in order; replaying them in order on top of the nearest
+earlier keyframe rebuilds the block state at any step (see `apply_block_event`).
+
+The engine only calls a `TraceSink`; it never touches a database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence
+
+BlockEventKind = Literal["allocate", "touch", "cache", "free", "evict"]
+BLOCK_EVENT_KINDS: tuple[str, ...] = ("allocate", "touch", "cache", "free", "evict")
+
+RequestEventKind = Literal["arrive", "schedule", "first_token", "preempt", "finish"]
+REQUEST_EVENT_KINDS: tuple[str, ...] = ("arrive", "schedule", "first_token", "preempt", "finish")
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One engine step: what ran, how long it took, and the memory picture after it."""
+
+    step: int
+    t: float  # seconds from run start at the end of the step
+    duration_s: float
+    num_running: int
+    num_waiting: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_generated_tokens: int  # tokens sampled this step (decodes + prefills that completed)
+    num_preempted: int
+    blocks_used: int  # ref_count > 0
+    blocks_free: int  # ref_count == 0 (includes cached free blocks)
+    blocks_cached_free: int  # free but still hashed: reusable by a prefix hit until evicted
+    prefix_query_tokens: int  # prompt tokens looked up in the prefix cache this step
+    prefix_hit_tokens: int  # of those, tokens found in cached blocks
+    num_evicted: int  # cached blocks whose hash was dropped for reuse this step
+    kv_bytes_used: int
+    kv_bytes_capacity: int
+    torch_allocated_bytes: int | None = None  # CUDA only
+    torch_reserved_bytes: int | None = None  # CUDA only
+    nvml_used_bytes: int | None = None
+    gpu_utilization_pct: float | None = None
+    gpu_power_w: float | None = None
+    rss_bytes: int | None = None  # process resident set size
+
+
+@dataclass(slots=True)
+class BlockEvent:
+    """One state change of one KV block; `ref_count` is the value after the event."""
+
+    step: int
+    block_id: int
+    kind: BlockEventKind
+    request_id: int | None
+    ref_count: int
+    block_hash: str | None = None  # hex, set on "cache" (and on "touch"/"evict" of a hashed block)
+
+
+@dataclass(slots=True)
+class RequestEvent:
+    """A request's life-cycle transition, for the request timeline."""
+
+    step: int
+    t: float
+    request_id: int
+    kind: RequestEventKind
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """A finished (or rejected) request. Times are seconds from run start."""
+
+    request_id: int
+    arrival_t: float
+    prompt_tokens: int
+    cached_prompt_tokens: int  # prompt tokens served by the prefix cache at first schedule
+    output_tokens: int
+    first_token_t: float | None
+    finish_t: float | None
+    num_preemptions: int
+    finish_reason: str  # "stop" | "length" | "rejected: <why>" | "aborted"
+
+
+@dataclass(slots=True)
+class Keyframe:
+    """The full block state after `step`, one list entry per block id."""
+
+    step: int
+    ref_counts: list[int]
+    block_hashes: list[str | None]  # hex of the block's hash while it is hashed
+    owners: list[int | None]  # request that last allocated or touched the block, while in use
+    free_queue: list[int]  # free block ids in eviction order (head first)
+
+
+@dataclass(slots=True)
+class BlockState:
+    """A mutable block state that events are replayed onto (what Replay draws)."""
+
+    ref_counts: list[int]
+    block_hashes: list[str | None]
+    owners: list[int | None]
+    free_queue: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_keyframe(cls, keyframe: Keyframe) -> BlockState:
+        return cls(
+            list(keyframe.ref_counts),
+            list(keyframe.block_hashes),
+            list(keyframe.owners),
+            list(keyframe.free_queue),
+        )
+
+    def to_keyframe(self, step: int) -> Keyframe:
+        return Keyframe(
+            step, list(self.ref_counts), list(self.block_hashes), list(self.owners),
+            list(self.free_queue),
+        )
+
+
+def apply_block_event(state: BlockState, event: BlockEvent) -> None:
+    """Replay one event: the free queue follows the block manager's rules.
+
+    allocate pops a free block (ref 0 -> 1); touch of a free cached block revives it (0 -> 1);
+    free to ref 0 appends the block at the tail; evict drops the hash of a block being reused.
+    """
+    b = event.block_id
+    was_free = state.ref_counts[b] == 0
+    state.ref_counts[b] = event.ref_count
+    if event.kind in ("allocate", "touch"):
+        state.owners[b] = event.request_id
+        if was_free and event.ref_count > 0:
+            state.free_queue.remove(b)
+    elif event.kind == "free":
+        if event.ref_count == 0:
+            state.owners[b] = None
+            state.free_queue.append(b)
+    elif event.kind == "cache":
+        state.block_hashes[b] = event.block_hash
+    elif event.kind == "evict":
+        state.block_hashes[b] = None
+
+
+class TraceSink(Protocol):
+    """Where the engine sends its trace. `store.RunWriter` writes a database; tests keep lists."""
+
+    def record_step(
+        self,
+        step: StepRecord,
+        block_events: Sequence[BlockEvent],
+        request_events: Sequence[RequestEvent],
+    ) -> None: ...
+
+    def record_request(self, request: RequestRecord) -> None: ...
+
+    def record_keyframe(self, keyframe: Keyframe) -> None: ...
+
+
+@dataclass
+class ListSink:
+    """In-memory sink for tests and benchmarks."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    block_events: list[BlockEvent] = field(default_factory=list)
+    request_events: list[RequestEvent] = field(default_factory=list)
+    requests: list[RequestRecord] = field(default_factory=list)
+    keyframes: list[Keyframe] = field(default_factory=list)
+
+    def record_step(self, step, block_events, request_events) -> None:
+        self.steps.append(step)
+        self.block_events.extend(block_events)
+        self.request_events.extend(request_events)
+
+    def record_request(self, request: RequestRecord) -> None:
+        self.requests.append(request)
+
+    def record_keyframe(self, keyframe: Keyframe) -> None:
+        self.keyframes.append(keyframe)
