@@ -1,0 +1,40 @@
+"""What a finished run returns to its caller (CLI, dashboard, benchmarks)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """Headline figures of one run; the store keeps these on the run row."""
+
+    num_requests: int
+    num_finished: int
+    num_rejected: int
+    prompt_tokens: int
+    output_tokens: int
+    steps: int
+    elapsed_s: float
+    output_tokens_per_s: float
+    prefix_hit_rate: float  # prefix-cache hit tokens / looked-up prompt tokens
+    num_preemptions: int
+    num_evictions: int
+    peak_blocks_used: int
+    num_blocks: int
+    kv_bytes_per_token: int
+    device: str
+    dtype: str
+    kv_dtype: str
+    stopped: bool = False  # ended early by should_stop()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class RunResult:
+    summary: RunSummary
+    output_token_ids: dict[int, list[int]] = field(default_factory=dict)  # by request id
+    output_text: dict[int, str] = field(default_factory=dict)
