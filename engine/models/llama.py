@@ -1,0 +1,132 @@
+"""Llama (SmolLM2) over a paged KV cache, read top to bottom.
+
+One engine step is one flat sequence of T tokens: the prefill chunks of several requests, then
+one token per decoding request. Every Linear runs once per step over all T tokens; only
+attention looks at request boundaries (through AttentionMetadata). q/k/v and gate/up are fused
+(the GGUF loader concatenates their weights), which saves two Linear calls per layer.
+
+Shapes: T tokens, H query heads, Hk KV heads, D head dim, C hidden size, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention.metadata import AttentionMetadata
+from engine.attention.paged import paged_attention
+from engine.kv_cache import PagedKVCache
+from engine.models.config import LlamaConfig
+
+
+def rope_tables(config: LlamaConfig, device: torch.device | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (max_position_embeddings, D) in fp32, HF layout: frequencies repeated per half."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    pos = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+    angles = torch.outer(pos, inv_freq)  # (P, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (P, D)
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, heads, D) rotated by cos/sin (T, 1, D): x * cos + rotate_half(x) * sin."""
+    x1, x2 = x.chunk(2, dim=-1)  # (T, heads, D/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)  # (T, heads, D)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        qkv_out = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                meta: AttentionMetadata, kv_cache: PagedKVCache) -> torch.Tensor:
+        t = x.shape[0]
+        h, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(t, h + 2 * hk, d)  # (T, H + 2Hk, D)
+        # q and k are adjacent in the fused output: rotate both with one set of ops
+        qk = apply_rope(qkv[:, : h + hk], cos, sin)  # (T, H + Hk, D)
+        q, k = qk[:, :h], qk[:, h:]  # (T, H, D), (T, Hk, D)
+        v = qkv[:, h + hk:]  # (T, Hk, D)
+        k_cache, v_cache = kv_cache.layer_kv(layer)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale,
+                              kv_cache.workspace)  # (T, H, D)
+        return self.o_proj(out.reshape(t, h * d))  # (T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size,
+                                      bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
+        return self.down_proj(F.silu(gate) * up)  # (T, C)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata, kv_cache: PagedKVCache) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, self.layer, meta, kv_cache)  # (T, C)
+        return x + self.mlp(self.mlp_norm(x))  # (T, C)
+
+
+class Llama(nn.Module):
+    """Decoder-only Llama. RoPE tables are fp32 buffers (not in the state dict), indexed by the
+    absolute position of every token, so chunks and decodes of any request mix freely."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # tied (SmolLM2): logits reuse the embedding matrix; no separate lm_head parameter
+        self.lm_head = (None if config.tie_word_embeddings else
+                        nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        cos, sin = rope_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def reset_rope(self, device: torch.device) -> None:
+        """Recompute the fp32 RoPE tables (after building on the meta device, or a dtype cast)."""
+        self.rope_cos, self.rope_sin = rope_tables(self.config, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata, kv_cache: PagedKVCache) -> torch.Tensor:
+        """input_ids, positions (T,) -> final hidden states (T, C), normed."""
+        x = self.embed_tokens(input_ids)  # (T, C)
+        # HF casts cos/sin to the activation dtype before rotating; so do we
+        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # (T, 1, D)
+        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)  # (T, 1, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin, meta, kv_cache)  # (T, C)
+        return self.norm(x)  # (T, C)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (N, C) -> fp32 logits (N, V). Only call it on the rows you sample from: the
+        LM head is the biggest matmul of a decode step."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()  # (N, V)

@@ -1,0 +1,195 @@
+"""ORM models: one row per run, and the run's steps, events, requests and keyframes.
+
+Child tables have composite primary keys that start with `(run_id, step)`, so the key itself is
+the index Replay and Compare need: "the events of run R between steps a and b" is one range scan.
+On SQLite they are `WITHOUT ROWID` tables (clustered on that key), which also saves the separate
+rowid b-tree.
+
+Event kinds are stored as small integers (index into `BLOCK_EVENT_KINDS` /
+`REQUEST_EVENT_KINDS`): events are by far the most numerous rows, and a 1-byte code instead of a
+word keeps the database small. The reader maps them back to names.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+RUN_STATUSES = ("running", "finished", "failed", "interrupted")
+
+# Clustered storage for the big append-only tables on SQLite; other dialects ignore the option.
+_CLUSTERED = {"sqlite_with_rowid": False}
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _run_fk() -> Mapped[int]:
+    return mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+
+
+class SchemaInfo(Base):
+    """One row: the schema version this database is at (see `store.db.MIGRATIONS`)."""
+
+    __tablename__ = "kvlab_schema"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+
+
+class Run(Base):
+    """A run. Status moves running -> finished | failed | interrupted.
+
+    `writer_pid`/`writer_host`/`writer_started` identify the process writing a `running` run, so
+    opening the store can tell a live writer from one that was killed (see store.liveness).
+    `heartbeat_at` is refreshed by the writer and covers writers on other hosts.
+    `num_steps` is the last committed step, updated in the same transaction as the steps.
+    """
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    config_json: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    device: Mapped[str | None] = mapped_column(String(100))
+    model: Mapped[str | None] = mapped_column(String(100), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
+    num_steps: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    writer_pid: Mapped[int | None] = mapped_column(Integer)
+    writer_host: Mapped[str | None] = mapped_column(String(255))
+    writer_started: Mapped[float | None] = mapped_column(Float)
+    # Headline figures copied out of the summary so runs can be sorted/filtered in SQL;
+    # the whole RunSummary lives in `summary`.
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    elapsed_s: Mapped[float | None] = mapped_column(Float)
+    output_tokens_per_s: Mapped[float | None] = mapped_column(Float)
+    prefix_hit_rate: Mapped[float | None] = mapped_column(Float)
+    peak_blocks_used: Mapped[int | None] = mapped_column(Integer)
+    num_preemptions: Mapped[int | None] = mapped_column(Integer)
+    num_evictions: Mapped[int | None] = mapped_column(Integer)
+
+
+# Core handle for queries that want plain rows (attribute access by column name), no ORM session.
+RUNS = Run.__table__
+
+SUMMARY_COLUMNS = (
+    "elapsed_s", "output_tokens_per_s", "prefix_hit_rate", "peak_blocks_used",
+    "num_preemptions", "num_evictions",
+)
+
+
+class Step(Base):
+    """One StepRecord (same field names)."""
+
+    __tablename__ = "steps"
+    __table_args__ = _CLUSTERED
+
+    run_id: Mapped[int] = _run_fk()
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    t: Mapped[float] = mapped_column(Float)
+    duration_s: Mapped[float] = mapped_column(Float)
+    num_running: Mapped[int] = mapped_column(Integer)
+    num_waiting: Mapped[int] = mapped_column(Integer)
+    num_prefill_tokens: Mapped[int] = mapped_column(Integer)
+    num_decode_tokens: Mapped[int] = mapped_column(Integer)
+    num_generated_tokens: Mapped[int] = mapped_column(Integer)
+    num_preempted: Mapped[int] = mapped_column(Integer)
+    blocks_used: Mapped[int] = mapped_column(Integer)
+    blocks_free: Mapped[int] = mapped_column(Integer)
+    blocks_cached_free: Mapped[int] = mapped_column(Integer)
+    prefix_query_tokens: Mapped[int] = mapped_column(Integer)
+    prefix_hit_tokens: Mapped[int] = mapped_column(Integer)
+    num_evicted: Mapped[int] = mapped_column(Integer)
+    kv_bytes_used: Mapped[int] = mapped_column(BigInteger)
+    kv_bytes_capacity: Mapped[int] = mapped_column(BigInteger)
+    torch_allocated_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    torch_reserved_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    nvml_used_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_utilization_pct: Mapped[float | None] = mapped_column(Float)
+    gpu_power_w: Mapped[float | None] = mapped_column(Float)
+    rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class BlockEventRow(Base):
+    """One BlockEvent; `ordinal` is its emission position within the step."""
+
+    __tablename__ = "block_events"
+    __table_args__ = _CLUSTERED
+
+    run_id: Mapped[int] = _run_fk()
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ordinal: Mapped[int] = mapped_column(Integer, primary_key=True)
+    block_id: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[int] = mapped_column(SmallInteger)  # index into BLOCK_EVENT_KINDS
+    request_id: Mapped[int | None] = mapped_column(Integer)
+    ref_count: Mapped[int] = mapped_column(Integer)
+    block_hash: Mapped[str | None] = mapped_column(String(128))
+
+
+class RequestEventRow(Base):
+    """One RequestEvent; `ordinal` is its emission position within the step."""
+
+    __tablename__ = "request_events"
+    __table_args__ = _CLUSTERED
+
+    run_id: Mapped[int] = _run_fk()
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ordinal: Mapped[int] = mapped_column(Integer, primary_key=True)
+    t: Mapped[float] = mapped_column(Float)
+    request_id: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[int] = mapped_column(SmallInteger)  # index into REQUEST_EVENT_KINDS
+
+
+class RequestRow(Base):
+    """One RequestRecord; `ordinal` keeps the order the engine reported them in."""
+
+    __tablename__ = "requests"
+    __table_args__ = (Index("ix_requests_run_request", "run_id", "request_id"), _CLUSTERED)
+
+    run_id: Mapped[int] = _run_fk()
+    ordinal: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[int] = mapped_column(Integer)
+    arrival_t: Mapped[float] = mapped_column(Float)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    cached_prompt_tokens: Mapped[int] = mapped_column(Integer)
+    output_tokens: Mapped[int] = mapped_column(Integer)
+    first_token_t: Mapped[float | None] = mapped_column(Float)
+    finish_t: Mapped[float | None] = mapped_column(Float)
+    num_preemptions: Mapped[int] = mapped_column(Integer)
+    finish_reason: Mapped[str] = mapped_column(Text)
+
+
+class KeyframeRow(Base):
+    """A full block state after `step`, as zlib-compressed JSON (see store.keyframes)."""
+
+    __tablename__ = "keyframes"
+    __table_args__ = _CLUSTERED
+
+    run_id: Mapped[int] = _run_fk()
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    num_blocks: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+CHILD_TABLES = (Step, BlockEventRow, RequestEventRow, RequestRow, KeyframeRow)

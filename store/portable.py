@@ -1,0 +1,159 @@
+"""Moving runs in and out of a database: export to a trace file, import, delete.
+
+The file format is described in store.trace_file. Import validates the whole file first and
+then inserts the run in one transaction under a new run id, so a bad file or a failure halfway
+leaves the database as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from engine.trace import BLOCK_EVENT_KINDS, REQUEST_EVENT_KINDS, Keyframe
+from store.db import Store, utcnow
+from store.errors import StoreError
+from store.keyframes import decode_keyframe, encode_keyframe
+from store.liveness import writer_alive
+from store.models import (
+    CHILD_TABLES,
+    RUNS,
+    SUMMARY_COLUMNS,
+    BlockEventRow,
+    KeyframeRow,
+    RequestEventRow,
+    RequestRow,
+    Run,
+    Step,
+)
+from store.reader import RunReader
+from store.trace_file import SCHEMAS, TraceFile, read_trace_file, write_trace_file
+
+_INSERT_CHUNK = 20_000
+
+
+def export_run(store: Store, run_id: int, path: str | Path) -> Path:
+    """Write run `run_id` to `path` (see store.trace_file); returns the path."""
+    reader = RunReader(store)
+    info = reader.run_info(run_id)
+    with store.engine.connect() as conn:
+        keyframes = [decode_keyframe(step, data) for step, data in conn.execute(
+            select(KeyframeRow.step, KeyframeRow.data).where(KeyframeRow.run_id == run_id)
+            .order_by(KeyframeRow.step))]
+    frames = {"steps": reader.steps(run_id), "block_events": reader.block_events(run_id),
+              "request_events": reader.request_events(run_id),
+              "requests": reader.requests(run_id)}
+    tables = {name: pa.Table.from_pandas(df, schema=SCHEMAS[name], preserve_index=False)
+              for name, df in frames.items()}
+    tables["keyframes"] = pa.Table.from_pylist(
+        [{"step": k.step, "ref_counts": k.ref_counts, "block_hashes": k.block_hashes,
+          "owners": k.owners, "free_queue": k.free_queue} for k in keyframes],
+        schema=SCHEMAS["keyframes"])
+    run = {"name": info.name, "tags": info.tags, "status": info.status,
+           "config": json.loads(info.config.to_json()), "summary": info.summary,
+           "error": info.error, "device": info.device, "model": info.model,
+           "created_at": _iso(info.created_at), "finished_at": _iso(info.finished_at),
+           "num_steps": info.num_steps}
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise StoreError(f"cannot export to {path}: folder {path.parent} does not exist")
+    write_trace_file(path, TraceFile(run, tables), exported_at=_iso(utcnow()) or "")
+    return path
+
+
+def import_run(store: Store, path: str | Path) -> int:
+    """Validate and insert the run in `path`; returns its new run id."""
+    trace = read_trace_file(path)
+    values = _run_values(trace.run)
+    try:
+        with store.write() as conn:
+            run_id = conn.execute(insert(Run).values(**values).returning(Run.id)).scalar_one()
+            for model, rows in _child_rows(run_id, trace.tables):
+                for start in range(0, len(rows), _INSERT_CHUNK):
+                    conn.execute(insert(model), rows[start:start + _INSERT_CHUNK])
+    except SQLAlchemyError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise StoreError(f"{path}: could not be imported ({reason}); nothing was changed") from exc
+    return run_id
+
+
+def delete_run(store: Store, run_id: int) -> None:
+    """Remove the run and all its rows (one transaction). A live run must be stopped first."""
+    with store.write() as conn:
+        run = conn.execute(select(RUNS).where(Run.id == run_id)).one_or_none()
+        if run is None:
+            raise StoreError(f"no run {run_id} in {store.display_url}; list the runs with "
+                             "`python cli.py runs`")
+        if run.status == "running" and writer_alive(run.writer_pid, run.writer_host,
+                                                    run.writer_started, run.heartbeat_at,
+                                                    utcnow()):
+            raise StoreError(f"run {run_id} is still being written by process {run.writer_pid} "
+                             f"on {run.writer_host}; stop that run first, then delete it")
+        _delete_rows(conn, run_id)
+
+
+def _delete_rows(conn: Connection, run_id: int) -> None:
+    # Explicit deletes rather than ON DELETE CASCADE: SQLite only cascades with its
+    # foreign_keys pragma on, and a database may have been opened without it.
+    for model in CHILD_TABLES:
+        conn.execute(delete(model).where(model.run_id == run_id))
+    conn.execute(delete(Run).where(Run.id == run_id))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _run_values(run: dict[str, Any]) -> dict[str, Any]:
+    summary = run["summary"] or None
+    status = run["status"]
+    if status == "running":  # exported mid-run: nobody will ever finish the copy
+        status = "interrupted"
+    try:
+        created = datetime.fromisoformat(run["created_at"])
+        finished = datetime.fromisoformat(run["finished_at"]) if run["finished_at"] else None
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"the trace file's run times are not ISO dates ({exc})") from exc
+    values = dict(name=run["name"], tags=list(run["tags"] or []),
+                  config_json=json.dumps(run["config"], sort_keys=True), status=status,
+                  device=run["device"], model=run["model"], created_at=created,
+                  finished_at=finished, heartbeat_at=None, num_steps=int(run["num_steps"]),
+                  error=run["error"], summary=summary)
+    values.update({k: summary.get(k) for k in SUMMARY_COLUMNS} if summary else {})
+    return values
+
+
+def _with_ordinals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ordinal = position within the step (rows are in emission order)."""
+    counts: dict[int, int] = {}
+    for row in rows:
+        row["ordinal"] = counts.get(row["step"], 0)
+        counts[row["step"]] = row["ordinal"] + 1
+    return rows
+
+
+def _child_rows(run_id: int, tables: dict[str, pa.Table]) -> list[tuple[type, list[dict]]]:
+    block_code = {k: i for i, k in enumerate(BLOCK_EVENT_KINDS)}
+    request_code = {k: i for i, k in enumerate(REQUEST_EVENT_KINDS)}
+    steps = [{"run_id": run_id, **r} for r in tables["steps"].to_pylist()]
+    blocks = _with_ordinals([{"run_id": run_id, **r, "kind": block_code[r["kind"]]}
+                             for r in tables["block_events"].to_pylist()])
+    request_events = _with_ordinals([{"run_id": run_id, **r, "kind": request_code[r["kind"]]}
+                                     for r in tables["request_events"].to_pylist()])
+    requests = [{"run_id": run_id, "ordinal": i, **r}
+                for i, r in enumerate(tables["requests"].to_pylist())]
+    keyframes = []
+    for r in tables["keyframes"].to_pylist():
+        keyframe = Keyframe(r["step"], r["ref_counts"], r["block_hashes"], r["owners"],
+                            r["free_queue"] or [])
+        keyframes.append({"run_id": run_id, "step": keyframe.step,
+                          "num_blocks": len(keyframe.ref_counts),
+                          "data": encode_keyframe(keyframe)})
+    return [(Step, steps), (BlockEventRow, blocks), (RequestEventRow, request_events),
+            (RequestRow, requests), (KeyframeRow, keyframes)]

@@ -1,0 +1,187 @@
+"""RunReader: runs, steps, events and requests as DataFrames, and block state at any step.
+
+Per-run DataFrames have the trace dataclasses' field names as columns (no run_id: the caller
+asked for one run), in recording order, with pandas nullable `Int64` for nullable integers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import Connection, Row, func, select
+
+from engine.config import ConfigError, RunConfig
+from engine.trace import (
+    BLOCK_EVENT_KINDS,
+    REQUEST_EVENT_KINDS,
+    BlockEvent,
+    BlockState,
+    RequestRecord,
+    StepRecord,
+    apply_block_event,
+)
+from store.db import Store
+from store.errors import StoreError
+from store.keyframes import decode_keyframe
+from store.models import RUNS, BlockEventRow, KeyframeRow, RequestEventRow, RequestRow, Run, Step
+
+
+def _dtypes(cls: type) -> dict[str, str]:
+    """pandas dtypes from a trace dataclass's annotations (they are strings: postponed)."""
+    mapping = {"int": "int64", "int | None": "Int64", "float": "float64",
+               "float | None": "float64", "str": "object", "str | None": "object"}
+    return {f.name: mapping.get(str(f.type), "object") for f in fields(cls)}
+
+
+STEP_DTYPES = _dtypes(StepRecord)
+REQUEST_DTYPES = _dtypes(RequestRecord)
+BLOCK_EVENT_DTYPES = {"step": "int64", "block_id": "int64", "kind": "object",
+                      "request_id": "Int64", "ref_count": "int64", "block_hash": "object"}
+REQUEST_EVENT_DTYPES = {"step": "int64", "t": "float64", "request_id": "int64", "kind": "object"}
+RUN_COLUMNS = ("run_id", "name", "status", "model", "device", "created_at", "finished_at",
+               "num_steps", "tags", "error")
+
+
+def frame(rows: list[Any], dtypes: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame.from_records(rows, columns=list(dtypes)).astype(dtypes)
+
+
+@dataclass
+class RunInfo:
+    run_id: int
+    name: str | None
+    status: str
+    config: RunConfig
+    summary: dict[str, Any]
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    device: str | None
+    model: str | None
+    tags: list[str]
+    num_steps: int
+
+
+class RunReader:
+    """Read-only queries; safe to use while writers are appending (each call is one snapshot)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def list_runs(self, status: str | None = None, name_like: str | None = None,
+                  limit: int | None = None) -> pd.DataFrame:
+        """Runs newest first; summary figures as extra columns. `name_like` is a substring."""
+        query = select(RUNS).order_by(Run.created_at.desc(), Run.id.desc())
+        if status:
+            query = query.where(Run.status == status)
+        if name_like:
+            query = query.where(Run.name.ilike(f"%{name_like}%"))
+        if limit is not None:
+            query = query.limit(limit)
+        with self.store.engine.connect() as conn:
+            runs = conn.execute(query).all()
+        records = []
+        for run in runs:
+            record = {"run_id": run.id, "name": run.name, "status": run.status,
+                      "model": run.model, "device": run.device, "created_at": run.created_at,
+                      "finished_at": run.finished_at, "num_steps": run.num_steps,
+                      "tags": list(run.tags or []), "error": run.error}
+            for key, value in (run.summary or {}).items():
+                record.setdefault(key, value)  # the run row wins on a name clash (device)
+            records.append(record)
+        df = pd.DataFrame.from_records(records)
+        return df if len(df) else pd.DataFrame(columns=list(RUN_COLUMNS))
+
+    def run_info(self, run_id: int) -> RunInfo:
+        with self.store.engine.connect() as conn:
+            run = self._run(conn, run_id)
+        try:
+            config = RunConfig.from_json(run.config_json)
+        except (ConfigError, ValueError, TypeError) as exc:
+            raise StoreError(f"run {run_id}'s config cannot be read by this kvlab ({exc}); "
+                             "upgrade kvlab to the version that recorded it") from exc
+        return RunInfo(run.id, run.name, run.status, config, dict(run.summary or {}), run.error,
+                       run.created_at, run.finished_at, run.device, run.model,
+                       list(run.tags or []), run.num_steps)
+
+    def steps(self, run_id: int) -> pd.DataFrame:
+        columns = [getattr(Step, name) for name in STEP_DTYPES]
+        query = select(*columns).where(Step.run_id == run_id).order_by(Step.step)
+        return frame(self._rows(run_id, query), STEP_DTYPES)
+
+    def block_events(self, run_id: int, step_from: int | None = None,
+                     step_to: int | None = None) -> pd.DataFrame:
+        """Events with step_from <= step <= step_to (either bound optional), in emission order."""
+        e = BlockEventRow
+        query = (select(e.step, e.block_id, e.kind, e.request_id, e.ref_count, e.block_hash)
+                 .where(e.run_id == run_id).order_by(e.step, e.ordinal))
+        if step_from is not None:
+            query = query.where(e.step >= step_from)
+        if step_to is not None:
+            query = query.where(e.step <= step_to)
+        rows = [(r[0], r[1], BLOCK_EVENT_KINDS[r[2]], *r[3:]) for r in self._rows(run_id, query)]
+        return frame(rows, BLOCK_EVENT_DTYPES)
+
+    def request_events(self, run_id: int) -> pd.DataFrame:
+        e = RequestEventRow
+        query = (select(e.step, e.t, e.request_id, e.kind).where(e.run_id == run_id)
+                 .order_by(e.step, e.ordinal))
+        rows = [(*r[:3], REQUEST_EVENT_KINDS[r[3]]) for r in self._rows(run_id, query)]
+        return frame(rows, REQUEST_EVENT_DTYPES)
+
+    def requests(self, run_id: int) -> pd.DataFrame:
+        columns = [getattr(RequestRow, name) for name in REQUEST_DTYPES]
+        query = select(*columns).where(RequestRow.run_id == run_id).order_by(RequestRow.ordinal)
+        return frame(self._rows(run_id, query), REQUEST_DTYPES)
+
+    def keyframe_steps(self, run_id: int) -> list[int]:
+        query = (select(KeyframeRow.step).where(KeyframeRow.run_id == run_id)
+                 .order_by(KeyframeRow.step))
+        return [r[0] for r in self._rows(run_id, query)]
+
+    def last_step(self, run_id: int) -> int:
+        """The last committed step (0 before the first step is committed)."""
+        with self.store.engine.connect() as conn:
+            self._run(conn, run_id)
+            last = conn.execute(select(func.max(Step.step)).where(Step.run_id == run_id))
+            return last.scalar() or 0
+
+    def block_state_at(self, run_id: int, step: int) -> BlockState:
+        """State after `step`: the nearest keyframe at or before it plus the events since."""
+        e = BlockEventRow
+        with self.store.engine.connect() as conn:
+            keyframe = conn.execute(
+                select(KeyframeRow.step, KeyframeRow.data)
+                .where(KeyframeRow.run_id == run_id, KeyframeRow.step <= step)
+                .order_by(KeyframeRow.step.desc()).limit(1)
+            ).first()
+            if keyframe is None:
+                self._run(conn, run_id)
+                raise StoreError(f"run {run_id} has no keyframe at or before step {step}, so its "
+                                 "block state cannot be rebuilt; record keyframes from step 0")
+            events = conn.execute(
+                select(e.step, e.block_id, e.kind, e.request_id, e.ref_count, e.block_hash)
+                .where(e.run_id == run_id, e.step > keyframe.step, e.step <= step)
+                .order_by(e.step, e.ordinal)
+            ).all()
+        state = BlockState.from_keyframe(decode_keyframe(keyframe.step, keyframe.data))
+        for s, block_id, kind, request_id, ref_count, block_hash in events:
+            apply_block_event(state, BlockEvent(s, block_id, BLOCK_EVENT_KINDS[kind],
+                                                request_id, ref_count, block_hash))
+        return state
+
+    # Helpers ---------------------------------------------------------------------------------
+    def _rows(self, run_id: int, query: Any) -> list[Any]:
+        with self.store.engine.connect() as conn:
+            self._run(conn, run_id)
+            return [tuple(r) for r in conn.execute(query)]
+
+    def _run(self, conn: Connection, run_id: int) -> Row:
+        run = conn.execute(select(RUNS).where(Run.id == run_id)).one_or_none()
+        if run is None:
+            raise StoreError(f"no run {run_id} in {self.store.display_url}; list the runs with "
+                             "`python cli.py runs`")
+        return run

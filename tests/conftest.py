@@ -1,0 +1,83 @@
+"""Shared fixtures: the real SmolLM2 (loaded once per session), its transformers oracle, and a
+tiny random Llama for fast tests.
+
+The oracle is transformers' own GGUF conversion. Converting takes ~30-60 s on a 2-core CPU, so
+its converted weights and config are saved under $KVLAB_CACHE_DIR and later sessions load that
+copy in a few seconds (it is still transformers' conversion, not ours).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from engine.models.gguf_loader import (  # noqa: E402
+    GGUF_FILE,
+    atomic_write,
+    cache_dir,
+    cache_key,
+    gguf_path,
+)
+from engine.models.loader import LoadedModel, load_model  # noqa: E402
+from engine.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+
+torch.set_num_threads(2)  # the CI machine has 2 cores; more threads only contend
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """SmolLM2-135M-Instruct, fp32 on CPU. Shared: never mutate its weights."""
+    return load_model("smollm2", torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> LoadedModel:
+    """TINY_LLAMA with seed-0 random weights, fp32 on CPU."""
+    return load_model("tiny", torch.device("cpu"), torch.float32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_oracle():
+    """transformers' LlamaForCausalLM converted from the same GGUF, fp32, eval mode."""
+    from safetensors.torch import load_model as load_weights
+    from safetensors.torch import save_model as save_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = gguf_path()
+    weights = cache_dir() / f"hf-oracle-{cache_key(path)}.safetensors"
+    config_file = weights.with_suffix(".json")
+    if weights.is_file() and config_file.is_file():
+        config = AutoConfig.from_pretrained(config_file)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        load_weights(model, str(weights))
+        return model.eval()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=GGUF_FILE,
+                                                 dtype=torch.float32)
+    # save_pretrained refuses GGUF-"quantized" models; its weights are plain fp32 tensors
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    atomic_write(config_file, lambda tmp: Path(tmp).write_text(json.dumps(config)))
+    atomic_write(weights, lambda tmp: save_weights(model, tmp))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer():
+    """transformers' tokenizer converted from the same GGUF (the tokenizer tests' oracle)."""
+    from transformers import AutoTokenizer
+
+    path = gguf_path()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=GGUF_FILE)

@@ -1,0 +1,159 @@
+"""The whole engine (scheduler + block manager + paged model) through `engine.run.run`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import RunConfig, SamplingConfig
+from engine.run import run
+from engine.trace import BlockState, ListSink, apply_block_event
+from engine.workload import WorkloadRequest, bundled_prompts
+
+GREEDY_FIXED = SamplingConfig(ignore_eos=True)
+
+
+def run_requests(loaded, requests, **knobs):
+    knobs.setdefault("sampling", GREEDY_FIXED)
+    config = RunConfig(model=loaded.config.name, device=loaded.device.type, **knobs)
+    sink = ListSink()
+    result = run(config, sink, model=loaded, requests=requests)
+    return result, sink
+
+
+def chat_prompts(tokenizer, count):
+    return [r.token_ids(tokenizer) for r in bundled_prompts()[:count]]
+
+
+def hf_greedy(hf_model, prompt: list[int], new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.slow
+def test_eight_concurrent_requests_match_transformers(smollm2, hf_oracle):
+    prompts = chat_prompts(smollm2.tokenizer, 8)
+    assert len({len(p) for p in prompts}) > 4, "the prompts should differ in length"
+    requests = [WorkloadRequest(i, prompt_token_ids=p, max_tokens=32)
+                for i, p in enumerate(prompts)]
+    result, sink = run_requests(smollm2, requests, block_size=16, max_num_seqs=8,
+                                max_num_batched_tokens=2048, max_model_len=1024)
+    assert max(s.num_running for s in sink.steps) == 8  # they really ran together
+    for i, prompt in enumerate(prompts):
+        assert result.output_token_ids[i] == hf_greedy(hf_oracle, prompt, 32), f"request {i}"
+
+
+@pytest.mark.slow
+def test_shared_system_prompt_hits_the_prefix_cache(smollm2):
+    tok = smollm2.tokenizer
+    system = tok.encode(" ".join(f"Rule {i}: answer briefly and cite the manual." for i in
+                                 range(60)))[:256]
+    assert len(system) == 256
+    questions = [tok.encode(f" Question {i}: what is a KV cache block number {i}?")
+                 for i in range(8)]
+    # The first request arrives alone so its blocks are computed and hashed before the rest.
+    requests = [WorkloadRequest(i, prompt_token_ids=system + q, max_tokens=12,
+                                arrival=0.0 if i == 0 else 0.05)
+                for i, q in enumerate(questions)]
+    on, sink_on = run_requests(smollm2, requests, block_size=16, max_model_len=512)
+    off, _ = run_requests(smollm2, requests, block_size=16, max_model_len=512,
+                          enable_prefix_caching=False)
+    cached = {r.request_id: r.cached_prompt_tokens for r in sink_on.requests}
+    assert cached[0] == 0
+    assert all(cached[i] == 256 for i in range(1, 8)), cached
+    assert sum(s.prefix_hit_tokens for s in sink_on.steps) == 7 * 256
+    assert on.output_token_ids == off.output_token_ids
+
+
+@pytest.mark.slow
+def test_preemption_under_a_small_budget_keeps_greedy_outputs(smollm2):
+    prompts = chat_prompts(smollm2.tokenizer, 6)
+    requests = [WorkloadRequest(i, prompt_token_ids=p, max_tokens=40)
+                for i, p in enumerate(prompts)]
+    roomy, _ = run_requests(smollm2, requests, num_blocks=512, max_model_len=256)
+    tight, sink = run_requests(smollm2, requests, num_blocks=18, max_model_len=256)
+    assert tight.summary.num_finished == 6
+    assert tight.summary.num_preemptions > 0
+    assert sum(s.num_preempted for s in sink.steps) == tight.summary.num_preemptions
+    assert any(e.kind == "evict" for e in sink.block_events)
+    assert tight.summary.num_evictions > 0
+    assert tight.output_token_ids == roomy.output_token_ids
+
+
+def test_prompt_longer_than_the_context_is_rejected_and_the_rest_finish(tiny_model):
+    requests = [WorkloadRequest(0, prompt_token_ids=list(range(100, 300)), max_tokens=4),
+                WorkloadRequest(1, prompt_token_ids=[5, 6, 7], max_tokens=4),
+                WorkloadRequest(2, prompt_token_ids=[8, 9], max_tokens=4)]
+    result, sink = run_requests(tiny_model, requests, num_blocks=16, max_model_len=64)
+    records = {r.request_id: r for r in sink.requests}
+    assert records[0].finish_reason.startswith("rejected:")
+    assert "200 tokens" in records[0].finish_reason and "max_model_len" in records[0].finish_reason
+    assert records[0].output_tokens == 0
+    assert records[1].finish_reason == records[2].finish_reason == "length"
+    assert result.summary.num_rejected == 1 and result.summary.num_finished == 2
+
+
+def test_output_is_capped_at_max_model_len(tiny_model):
+    requests = [WorkloadRequest(0, prompt_token_ids=list(range(10, 50)), max_tokens=100)]
+    result, _ = run_requests(tiny_model, requests, num_blocks=8, max_model_len=64)
+    assert len(result.output_token_ids[0]) == 64 - 40
+
+
+def test_replaying_block_events_rebuilds_every_keyframe(tiny_model):
+    """The trace contract Replay relies on: keyframe + events == the manager's real state."""
+    requests = [WorkloadRequest(i, prompt_token_ids=[7] * 40 + [i] * (5 + 3 * i),
+                                max_tokens=20 + i, arrival=0.0)
+                for i in range(10)]
+    _, sink = run_requests(tiny_model, requests, num_blocks=14, block_size=8,
+                           max_model_len=128, keyframe_interval=1, max_num_seqs=4)
+    assert sum(s.num_preempted for s in sink.steps) > 0  # the hard paths are exercised
+    state = BlockState.from_keyframe(sink.keyframes[0])
+    events_by_step: dict[int, list] = {}
+    for event in sink.block_events:
+        events_by_step.setdefault(event.step, []).append(event)
+    for keyframe in sink.keyframes[1:]:
+        for event in events_by_step.get(keyframe.step, []):
+            apply_block_event(state, event)
+        assert state.to_keyframe(keyframe.step) == keyframe, f"step {keyframe.step}"
+
+
+def test_step_records_account_for_every_block(tiny_model):
+    requests = [WorkloadRequest(i, prompt_token_ids=list(range(1, 30 + i)), max_tokens=10)
+                for i in range(6)]
+    result, sink = run_requests(tiny_model, requests, num_blocks=32, max_model_len=128)
+    for s in sink.steps:
+        assert s.blocks_used + s.blocks_free == 32
+        assert s.blocks_cached_free <= s.blocks_free
+        assert s.kv_bytes_used <= s.kv_bytes_capacity
+        assert s.num_running <= 8
+    assert sum(s.num_generated_tokens for s in sink.steps) == result.summary.output_tokens
+    assert result.summary.output_tokens == 60
+
+
+def test_seeded_sampling_is_reproducible(tiny_model):
+    requests = [WorkloadRequest(i, prompt_token_ids=[3, 4, 5 + i], max_tokens=12)
+                for i in range(3)]
+    sampling = SamplingConfig(temperature=1.0, top_p=0.95, ignore_eos=True)
+    a, _ = run_requests(tiny_model, requests, num_blocks=16, max_model_len=64, seed=1,
+                        sampling=sampling)
+    b, _ = run_requests(tiny_model, requests, num_blocks=16, max_model_len=64, seed=1,
+                        sampling=sampling)
+    c, _ = run_requests(tiny_model, requests, num_blocks=16, max_model_len=64, seed=2,
+                        sampling=sampling)
+    assert a.output_token_ids == b.output_token_ids
+    assert a.output_token_ids != c.output_token_ids
+
+
+def test_should_stop_ends_the_run_and_records_unfinished_requests(tiny_model):
+    requests = [WorkloadRequest(i, prompt_token_ids=[1, 2, 3], max_tokens=50) for i in range(3)]
+    steps = []
+    config = RunConfig(model="tiny", device="cpu", num_blocks=32, max_model_len=64,
+                       sampling=GREEDY_FIXED)
+    sink = ListSink()
+    result = run(config, sink, model=tiny_model, requests=requests,
+                 on_step=steps.append, should_stop=lambda: len(steps) >= 5)
+    assert result.summary.stopped and len(sink.steps) == 5
+    assert {r.finish_reason for r in sink.requests} == {"aborted"}
+    assert len(sink.requests) == 3

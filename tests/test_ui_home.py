@@ -1,0 +1,85 @@
+"""Home page (app.py) under AppTest: empty database, the demo button, the runs list, import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from engine.config import RunConfig, WorkloadSpec
+from store import RunReader, export_run, open_store
+from ui import session
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 30
+
+
+def tiny_config(**knobs) -> RunConfig:
+    """A run of the tiny random model that takes a few seconds on a CPU."""
+    knobs.setdefault("workload", WorkloadSpec(
+        kind="synthetic", num_requests=4, prompt_len_min=16, prompt_len_max=40,
+        output_len_min=4, output_len_max=8, num_prefix_groups=1, shared_prefix_len=24))
+    return RunConfig(model="tiny", device="cpu", block_size=8, num_blocks=32,
+                     max_model_len=128, keyframe_interval=5, **knobs)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'kvlab.db'}"
+    monkeypatch.setenv("KVLAB_DB_URL", url)
+    return open_store(url)
+
+
+def wait_for_live_run(at: AppTest, timeout: float = 120) -> None:
+    live = at.session_state[session.LIVE_KEY]
+    assert live is not None, "no run was started"
+    assert live.join(timeout), f"the run did not end within {timeout} s (phase {live.phase})"
+
+
+def test_empty_database_leads_to_the_demo(store):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert at.title[0].value == "KV Cache Lab"
+    demo = [b for b in at.button if b.label == "Run the demo"]
+    assert demo and not demo[0].disabled
+    assert any("No runs yet" in i.value for i in at.info)
+
+
+def test_demo_button_runs_and_opens_the_replay(store, monkeypatch):
+    # The real demo loads SmolLM2 (the browser test covers it); the flow is the same.
+    monkeypatch.setattr(session, "demo_config", tiny_config)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
+    next(b for b in at.button if b.label == "Run the demo").click().run()
+    assert not at.exception
+    wait_for_live_run(at)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    runs = RunReader(store).list_runs()
+    assert runs["status"].tolist() == ["finished"]
+    assert "demo" in runs["tags"].iloc[0]
+    # switched to the Replay page on the demo's run
+    assert at.title[0].value == "Replay"
+    assert at.selectbox(key="replay_run").value == int(runs["run_id"].iloc[0])
+    assert at.get("vega_lite_chart")
+
+
+def test_latest_runs_are_listed_and_a_trace_file_imports(store, tmp_path):
+    from engine.run import run
+    from store import RunWriter
+
+    writer = RunWriter(store, tiny_config(), name="seeded")
+    writer.close(summary=run(tiny_config(), writer).summary.to_dict())
+    path = export_run(store, writer.run_id, tmp_path / "seeded.kvtrace.zip")
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert table["name"].tolist() == ["seeded"]
+    at.file_uploader(key="home_import").upload(path.name, path.read_bytes(), "application/zip")
+    at.run()
+    assert not at.exception
+    assert any("Imported" in s.value for s in at.success)
+    assert len(RunReader(store).list_runs()) == 2
+    at.run()  # a rerun must not import the same upload again
+    assert len(RunReader(store).list_runs()) == 2

@@ -1,0 +1,122 @@
+"""Time-series chart builders: DataFrame in, `alt.Chart` out.
+
+Every builder takes the frame ui.analysis produced and, optionally, the current step, drawn as a
+red rule so Replay's charts follow its slider.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import altair as alt
+import pandas as pd
+
+from ui.analysis import SERIES_LABELS
+
+STATE_COLOURS = {"in use": "#2563eb", "free, cached": "#f59e0b", "free": "#d1d5db"}
+# No fixed heights: Streamlit fits charts to their container, and a spec height there squeezes
+# the plot once the legend and axes take their share.
+
+
+# Keys of a single-view spec that move into its first layer when a rule is layered on top.
+_VIEW_KEYS = ("mark", "encoding", "transform", "data", "params")
+
+
+def with_step_rule(spec: dict[str, Any], step: int, color: str = "#dc2626") -> dict[str, Any]:
+    """A copy of a Vega-Lite spec (from `alt.Chart.to_dict()`) with a rule at `step` on top.
+
+    Replay draws the whole run's charts at every slider move; building them once per run and
+    adding the rule as plain data keeps a jump to any step far below a second (Altair's
+    validation alone costs tens of milliseconds per chart).
+    """
+    out = dict(spec)
+    rule = {"mark": {"type": "rule", "color": color, "strokeWidth": 2},
+            "data": {"values": [{"step": step}]},
+            "encoding": {"x": {"field": "step", "type": "quantitative"}}}
+    if "layer" in out:
+        out["layer"] = [*out["layer"], rule]
+    else:
+        view = {k: out.pop(k) for k in _VIEW_KEYS if k in out}
+        out["layer"] = [view, rule]
+    return out
+
+
+def _with_rule(chart: alt.Chart, step: int | None) -> alt.Chart | alt.LayerChart:
+    if step is None:
+        return chart
+    rule = alt.Chart(pd.DataFrame({"step": [step]})).mark_rule(color="#dc2626", strokeWidth=2)
+    return alt.layer(chart, rule.encode(x="step:Q"))
+
+
+def series_chart(df: pd.DataFrame, column: str, *, step: int | None = None,
+                 title: str | None = None) -> alt.Chart | alt.LayerChart:
+    """One per-step series of one run as a line, with an optional rule at `step`."""
+    label = title or SERIES_LABELS.get(column, column)
+    data = df[["step", column]] if not df.empty else pd.DataFrame({"step": [], column: []})
+    chart = (
+        alt.Chart(data, title=label)
+        .mark_line(interpolate="step-after")
+        .encode(
+            x=alt.X("step:Q", title="step"),
+            y=alt.Y(f"{column}:Q", title=None, axis=alt.Axis(format="~g")),
+            tooltip=[alt.Tooltip("step:Q"),
+                     alt.Tooltip(f"{column}:Q", title=label, format=",.3~f")],
+        )
+    )
+    return _with_rule(chart, step)
+
+
+def block_mix_chart(mix: pd.DataFrame, *, step: int | None = None,
+                    title: str = "KV blocks") -> alt.Chart | alt.LayerChart:
+    """Stacked area of blocks in use / free but cached / free per step (ui.analysis.block_mix)."""
+    order = list(STATE_COLOURS)
+    chart = (
+        alt.Chart(mix, title=title)
+        .mark_area(interpolate="step-after")
+        .encode(
+            x=alt.X("step:Q", title="step"),
+            y=alt.Y("blocks:Q", stack="zero", title="blocks"),
+            color=alt.Color("state:N", scale=alt.Scale(domain=order,
+                            range=[STATE_COLOURS[s] for s in order]),
+                            legend=alt.Legend(orient="bottom", title=None)),
+            order=alt.Order("state_order:Q"),
+            tooltip=["step:Q", "state:N", "blocks:Q"],
+        )
+        .transform_calculate(state_order=f"indexof({order!r}, datum.state)")
+    )
+    return _with_rule(chart, step)
+
+
+def overlay_chart(df: pd.DataFrame, column: str, *, title: str | None = None) -> alt.Chart:
+    """The same series of several runs (ui.analysis.compare_frame), one colour per run."""
+    label = title or SERIES_LABELS.get(column, column)
+    return (
+        alt.Chart(df[["run", "step", column]], title=label)
+        .mark_line(interpolate="step-after")
+        .encode(
+            x=alt.X("step:Q", title="step"),
+            y=alt.Y(f"{column}:Q", title=None, axis=alt.Axis(format="~g")),
+            color=alt.Color("run:N", legend=alt.Legend(orient="bottom", title=None,
+                                                        labelLimit=320)),
+            tooltip=["run:N", "step:Q", alt.Tooltip(f"{column}:Q", format=",.3~f")],
+        )
+    )
+
+
+def percentile_chart(table: pd.DataFrame, metric: str) -> alt.Chart:
+    """Grouped bars of p50/p90/p99 for TTFT or TPOT (ui.analysis.latency_percentiles)."""
+    cols = [c for c in table.columns if c.startswith(metric)]
+    long = table.melt("run", value_vars=cols, var_name="percentile", value_name="ms")
+    long["percentile"] = long["percentile"].str.extract(r"(p\d+)", expand=False)
+    return (
+        alt.Chart(long, title=f"{metric} (ms)")
+        .mark_bar()
+        .encode(
+            x=alt.X("percentile:N", title=None),
+            xOffset="run:N",
+            y=alt.Y("ms:Q", title="ms"),
+            color=alt.Color("run:N", legend=alt.Legend(orient="bottom", title=None,
+                                                        labelLimit=320)),
+            tooltip=["run:N", "percentile:N", alt.Tooltip("ms:Q", format=",.1f")],
+        )
+    )
