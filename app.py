@@ -58,7 +58,7 @@ else:
     st.caption("Open a replay:")
     for col, (_, row) in zip(st.columns(5), runs.head(5).iterrows(), strict=False):
         with col:
-            widgets.replay_link(int(row["run_id"]), resources.run_label(row))
+            widgets.replay_link(int(row["run_id"]), f"#{row['run_id']} {row['name'] or ''}")
 
 with st.expander("Import a run from a trace file"):
     imported = widgets.upload_run_widget(key="home_import")

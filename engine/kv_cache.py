@@ -9,14 +9,18 @@ block table, and with heads outermost the result is already `(kv_heads, B, L, he
 contiguous, exactly what the grouped-query batched matmul wants. A block-major layout
 `[num_blocks, block_size, kv_heads, head_dim]` (vLLM's) gathers to `(B, L, kv_heads, D)` and
 then needs a permute copy (or a strided matmul) per layer. Measured on the 2-core CPU
-(B=8, ctx 2048, 3 KV heads, D 64, fp32, block ids shuffled, medians, one process, interleaved):
+(B=8, ctx 2048, 3 KV heads, D 64, fp32, block ids shuffled, medians, one process, interleaved;
+the machine was shared and loaded, so read the ratios, not the milliseconds):
 
-    contiguous SDPA(enable_gqa)                  ~12.0 ms   (1.00x)   <- under load; ~3 ms idle
-    head-major gather + grouped bmm/softmax      see bench/paged_attention.py (<= 1.25x target)
-    block-major gather + permute + matmul        ~102 ms    (8.5x)
-    block-major gather + SDPA(enable_gqa)        ~47 ms     (3.9x)
+    contiguous SDPA(enable_gqa), the baseline           ~12 ms     1.00x
+    head-major gather + grouped matmul/softmax         ~16 ms     ~1.5x  (1 thread)
+      ... with reused scratch, chunks of ~3 MiB of K    ~10-13 ms  0.9-1.27x  (1 thread)
+    block-major gather + permute + matmul               ~102 ms    ~8.5x
+    block-major gather + SDPA(enable_gqa)               ~47 ms     ~3.9x
 
-(The first run above was taken on a shared, loaded machine; the bench prints current figures.)
+Freshly allocated gathers are the hidden cost: every new multi-MB tensor is a fresh mmap whose
+page faults cost more than the attention (6.4x SDPA without reuse), hence the Workspace in
+engine/attention/paged.py. `python bench/paged_attention.py` prints the current figures.
 
 Memory: `torch.empty`, so pages are committed only when written and RSS tracks use. Never-
 written memory may hold any bit pattern, and masked decode positions still multiply V by a zero

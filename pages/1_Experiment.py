@@ -36,8 +36,9 @@ st.header("Settings")
 values, slots = config_form.render_config_form()
 config = config_form.validate(values, slots)
 if config is not None:
+    total = config.resolved_num_blocks * config.kv_bytes_per_block
     st.caption(f"KV cache: {config.resolved_num_blocks} blocks of {config.block_size} tokens, "
-               f"{config.kv_bytes_per_block:,} bytes each "
+               f"{config.kv_bytes_per_block:,} bytes each, {total / 2**20:,.1f} MiB in all "
                f"(sized for {config.kv_dtype if config.kv_dtype != 'auto' else 'fp32 on CPU'}).")
 busy = session.is_running()
 if busy:

@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from store import StoreError
 from ui import block_grid, charts, resources, session, widgets
 
 st.set_page_config(page_title="Replay · KV Cache Lab", page_icon="🎞️", layout="wide")
@@ -81,7 +82,11 @@ def step_view() -> None:
             st.rerun(scope="app")
         st.session_state.replay_step = nxt
     step = st.slider("step", first, last, key="replay_step")
-    state = resources.block_state_at(run_id, step, rev)
+    try:
+        state = resources.block_state_at(run_id, step, rev)
+    except StoreError as e:  # e.g. a trace without keyframes
+        st.error(f"The block state of step {step} cannot be rebuilt: {e}")
+        return
     row = steps.loc[steps["step"] == step]
     grid_col, side = st.columns([3, 2])
     with grid_col:
@@ -99,10 +104,10 @@ def step_view() -> None:
         if step_events.empty and req_events.empty:
             st.caption("No block or request events in this step.")
         if not req_events.empty:
-            st.dataframe(req_events, hide_index=True, height=140,
+            st.dataframe(req_events, hide_index=True,
                          column_config={"kind": "request event"})
         if not step_events.empty:
-            st.dataframe(step_events.drop(columns=["step"]), hide_index=True, height=220)
+            st.dataframe(step_events.drop(columns=["step"]), hide_index=True)
     left, right = st.columns(2)
     for i, name in enumerate(("tokens_per_s", "blocks", "hit_rate", "evictions")):
         with left if i % 2 == 0 else right:

@@ -107,7 +107,7 @@ def test_replaying_block_events_rebuilds_every_keyframe(tiny_model):
                                 max_tokens=20 + i, arrival=0.0)
                 for i in range(10)]
     _, sink = run_requests(tiny_model, requests, num_blocks=14, block_size=8,
-                           max_model_len=128, keyframe_interval=1, max_num_seqs=4)
+                           max_model_len=96, keyframe_interval=1, max_num_seqs=4)
     assert sum(s.num_preempted for s in sink.steps) > 0  # the hard paths are exercised
     state = BlockState.from_keyframe(sink.keyframes[0])
     events_by_step: dict[int, list] = {}

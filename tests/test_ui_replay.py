@@ -88,7 +88,7 @@ def test_the_slider_changes_the_block_grid(store, tiny_model):
                      "prefix hit rate (cumulative)", "evictions (cumulative)",
                      "request timeline"):
         assert expected in titles, titles
-    assert any(t.startswith("LRU free queue") for t in titles)
+    assert any(t.startswith("Free queue") for t in titles)
     before = grid_of(at)
     middle = last // 2
     at.slider(key="replay_step").set_value(middle).run()

@@ -119,8 +119,8 @@ def free_queue_spec(queue: pd.DataFrame, *, limit: int = MAX_QUEUE_CELLS) -> dic
 
 
 def _queue_title(n: int, limit: int) -> str:
-    title = f"LRU free queue: {n} blocks, head (next evicted) first"
-    return title + (f"; the first {limit} shown" if n > limit else "")
+    title = f"Free queue: {n} blocks, LRU first"
+    return title + (f" ({limit} shown)" if n > limit else "")
 
 
 @functools.lru_cache(maxsize=1)

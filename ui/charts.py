@@ -58,7 +58,7 @@ def series_chart(df: pd.DataFrame, column: str, *, step: int | None = None,
         .mark_line(interpolate="step-after")
         .encode(
             x=alt.X("step:Q", title="step"),
-            y=alt.Y(f"{column}:Q", title=None, axis=alt.Axis(format="~g")),
+            y=alt.Y(f"{column}:Q", title=None, axis=alt.Axis(format=",.4~r")),
             tooltip=[alt.Tooltip("step:Q"),
                      alt.Tooltip(f"{column}:Q", title=label, format=",.3~f")],
         )
@@ -95,7 +95,7 @@ def overlay_chart(df: pd.DataFrame, column: str, *, title: str | None = None) ->
         .mark_line(interpolate="step-after")
         .encode(
             x=alt.X("step:Q", title="step"),
-            y=alt.Y(f"{column}:Q", title=None, axis=alt.Axis(format="~g")),
+            y=alt.Y(f"{column}:Q", title=None, axis=alt.Axis(format=",.4~r")),
             color=alt.Color("run:N", legend=alt.Legend(orient="bottom", title=None,
                                                         labelLimit=320)),
             tooltip=["run:N", "step:Q", alt.Tooltip(f"{column}:Q", format=",.3~f")],

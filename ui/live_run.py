@@ -77,6 +77,7 @@ class LiveRun:
         self.started_at = time.monotonic()
         self.ended_at: float | None = None
         self._stop = threading.Event()
+        self._registered = threading.Event()  # the run row exists (or the start failed)
         self._thread = threading.Thread(target=self._main, name="kvlab-run", daemon=True)
 
     # Control ----------------------------------------------------------------------------------
@@ -87,6 +88,11 @@ class LiveRun:
     def stop(self) -> None:
         """Ask the engine to end after the current step (the run is kept, as interrupted)."""
         self._stop.set()
+
+    def wait_registered(self, timeout: float = 5.0) -> int | None:
+        """Wait until the run is in the database (so lists show it); returns its id."""
+        self._registered.wait(timeout)
+        return self.run_id
 
     def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)
@@ -125,6 +131,7 @@ class LiveRun:
         try:
             writer = RunWriter(self.store, self.config, name=self.name, tags=self.tags)
             self.run_id = writer.run_id
+            self._registered.set()
             requests = build_workload(self.config.workload, self.config.seed)
             self.requests_total = len(requests)
             self.phase = "loading model"
@@ -147,3 +154,4 @@ class LiveRun:
             self.phase = "failed"
         finally:
             self.ended_at = time.monotonic()
+            self._registered.set()

@@ -36,6 +36,7 @@ def start_run(config: RunConfig, *, name: str | None = None,
     live = LiveRun(resources.get_store(), config, name=name, tags=tags,
                    load=resources.get_model).start()
     st.session_state[LIVE_KEY] = live
+    live.wait_registered()
     resources.refresh_runs()
     return live
 

@@ -1,0 +1,117 @@
+"""The main flow in a real browser: Debian's Chromium driven by Playwright against a Streamlit
+server this test starts on 127.0.0.1 with a fresh database.
+
+Home -> "Run the demo" (the bundled SmolLM2, about a minute or two on a CPU) -> the demo's
+replay -> move the step slider -> the grid and charts are drawn. Screenshots go to artifacts/
+(git-ignored) and docs/screenshot.png (the README's picture).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "artifacts"
+DEMO_TIMEOUT_S = 480  # model load + the demo on a busy 2-core CPU; usually one to two minutes
+
+pytestmark = pytest.mark.browser
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+if not CHROMIUM.exists():
+    pytest.skip("Debian's Chromium (/usr/bin/chromium) is not installed; "
+                "`apt-get install chromium` to run the browser tests", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """`streamlit run app.py` on a free local port with its own SQLite file; yields the URL."""
+    port = free_port()
+    env = {**os.environ, "KVLAB_DB_URL": f"sqlite:///{tmp_path / 'kvlab.db'}"}
+    log = (tmp_path / "streamlit.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+         "--server.port", str(port), "--server.headless", "true",
+         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("streamlit did not start:\n" +
+                                   (tmp_path / "streamlit.log").read_text())
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and nothing else
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def drawn_charts(page) -> int:
+    """Vega-Lite charts that rendered something (a canvas or an svg inside .vega-embed)."""
+    return page.locator(".vega-embed canvas, .vega-embed svg").count()
+
+
+def test_demo_from_home_to_replay(server):
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1750})
+            page.goto(server)
+            demo = page.get_by_role("button", name=re.compile("Run the demo"))
+            demo.wait_for(timeout=60_000)
+            demo.click()
+            page.get_by_text(re.compile(r"requests done")).first.wait_for(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "browser-1-demo-running.png"))
+
+            page.wait_for_url(re.compile(r"/Replay\?run=\d+"), timeout=DEMO_TIMEOUT_S * 1000)
+            page.get_by_text("Events of step 1", exact=True).wait_for(timeout=60_000)
+            page.wait_for_function(
+                "document.querySelectorAll('.vega-embed canvas, .vega-embed svg').length >= 7",
+                timeout=60_000)
+            assert drawn_charts(page) >= 7  # grid, free queue, 4 series, request timeline
+            page.screenshot(path=str(ARTIFACTS / "browser-2-replay-step-1.png"))
+
+            # The thumb is a visually hidden <input type=range> that takes the keyboard.
+            thumb = page.locator("[data-testid='stSlider'] input[type='range']")
+            last = int(thumb.get_attribute("max"))
+            thumb.focus()
+            target = max(2, last - 1)  # near the end: finished requests leave cached blocks
+            for _ in range(target - 1):
+                page.keyboard.press("ArrowRight")
+            page.get_by_text(f"Events of step {target}", exact=True).wait_for(timeout=30_000)
+            assert thumb.input_value() == str(target)
+            page.wait_for_timeout(1500)  # let Vega finish drawing the new step
+            assert drawn_charts(page) >= 7
+            page.screenshot(path=str(ARTIFACTS / "browser-3-replay-moved.png"))
+            shutil.copy(ARTIFACTS / "browser-3-replay-moved.png", ROOT / "docs" / "screenshot.png")
+        finally:
+            browser.close()
