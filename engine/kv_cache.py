@@ -9,14 +9,14 @@ block table, and with heads outermost the result is already `(kv_heads, B, L, he
 contiguous, exactly what the grouped-query batched matmul wants. A block-major layout
 `[num_blocks, block_size, kv_heads, head_dim]` (vLLM's) gathers to `(B, L, kv_heads, D)` and
 then needs a permute copy (or a strided matmul) per layer. Measured on the 2-core CPU
-(B=8, ctx 2048, 3 KV heads, D 64, fp32, block ids shuffled, medians, one process, interleaved;
-the machine was shared and loaded, so read the ratios, not the milliseconds):
+(B=8, ctx 2048, 3 KV heads, D 64, fp32, shuffled block ids, medians, one process, interleaved;
+neighbours on the machine make these drift +-30 %, so read the ratios):
 
-    contiguous SDPA(enable_gqa), the baseline           ~12 ms     1.00x
-    head-major gather + grouped matmul/softmax         ~16 ms     ~1.5x  (1 thread)
-      ... with reused scratch, chunks of ~3 MiB of K    ~10-13 ms  0.9-1.27x  (1 thread)
-    block-major gather + permute + matmul               ~102 ms    ~8.5x
-    block-major gather + SDPA(enable_gqa)               ~47 ms     ~3.9x
+    contiguous SDPA(enable_gqa), the baseline                       3.6-4.5 ms   1.00x
+    head-major, row gather + grouped bmm/softmax, 3 MiB chunks      4.9-7.2 ms   1.3-1.9x
+    head-major, index_select(dim=1), whole batch at once            7.2-8.6 ms   2.0-2.4x
+    block-major gather + permute + matmul (machine loaded)                       ~8.5x
+    block-major gather + SDPA(enable_gqa) (machine loaded)                       ~3.9x
 
 Freshly allocated gathers are the hidden cost: every new multi-MB tensor is a fresh mmap whose
 page faults cost more than the attention (6.4x SDPA without reuse), hence the Workspace in

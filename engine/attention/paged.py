@@ -12,9 +12,9 @@ the gathered copy is still in cache when the matmuls read it. Prefill attends pe
 SDPA and a causal mask shifted by the cached prefix.
 
 Scratch memory: the gathered K/V of a decode step is tens of MB. A fresh allocation of that size
-is a fresh mmap on CPU and page-faulting it in cost 4-6x the whole attention on the 2-core VM
-(bench: 6.4x SDPA without reuse, 1.4x with glibc told to keep the memory). So gathers and scores
-land in a `Workspace` of buffers reused across layers and steps.
+is a fresh mmap on CPU, and page-faulting it in cost more than the attention itself on the
+2-core VM (6.4x SDPA without reuse vs 1.4x with glibc told to keep freed memory; 1 thread). So
+gathers and scores land in a `Workspace` of buffers reused across layers and steps.
 """
 
 from __future__ import annotations
@@ -56,8 +56,16 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """(Hk, num_blocks, bs, D) gathered at (n,) block ids -> contiguous (Hk, n * bs, D).
-    `out`, if given, is an (Hk, n, bs, D) buffer to fill instead of allocating."""
-    return torch.index_select(cache, 1, block_ids, out=out).flatten(1, 2)
+    `out`, if given, is an (Hk, n, bs, D) buffer to fill instead of allocating.
+
+    Gathers rows of the 2-D view (Hk * num_blocks, bs * D) with per-head row ids: index_select
+    on dim 0 of a 2-D tensor is a parallel memcpy per row, 1.2 ms vs 2.0 ms for index_select on
+    dim 1 of the 4-D cache (B=8, ctx 2048, block 16; 1.2 ms is also a plain copy's time)."""
+    hk, nb, bs, d = cache.shape
+    rows = (torch.arange(hk, device=block_ids.device)[:, None] * nb + block_ids).reshape(-1)
+    flat_out = None if out is None else out.view(hk * block_ids.shape[0], bs * d)
+    gathered = torch.index_select(cache.view(hk * nb, bs * d), 0, rows, out=flat_out)
+    return gathered.view(hk, block_ids.shape[0] * bs, d)
 
 
 def _scratch(ws: Workspace | None, name: str, shape: tuple[int, ...], like: torch.Tensor,
@@ -80,8 +88,9 @@ DECODE_CHUNK_BYTES = 3 << 20  # gathered K per CPU decode chunk; see decode_chun
 def decode_chunk_rows(num_kv_heads: int, length: int, head_dim: int, element_size: int,
                       device: torch.device) -> int | None:
     """Requests per decode chunk: on CPU, enough for ~3 MiB of gathered K, so a chunk's K and V
-    are still in the (32 MiB, shared) L3 when the matmuls read them. B=8, ctx 2048, 1 thread,
-    vs SDPA: 1.5 MiB 0.90-1.23x, 3 MiB 0.89-1.27x, 6 MiB 1.39-1.65x, unchunked 1.51x. On GPUs
+    are still in the (32 MiB, shared) L3 when the matmuls read them. B=8, ctx 2048, 2 threads,
+    vs SDPA, block 16/64: 1.5 MiB 2.1/1.9x, 3 MiB 1.5/1.3x, 6 MiB 1.6/1.45x, unchunked
+    1.8/1.7x (1.5 MiB = one request: 3 bmm batches split unevenly over 2 threads). On GPUs
     chunking only adds launches: None means all requests in one chunk."""
     if device.type != "cpu":
         return None
@@ -117,21 +126,24 @@ def _decode_chunk(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     """qg (Hk, m, G, D), pre-scaled; block_tables (m, n) -> (Hk, m, G, D)."""
     hk, m, group, d = qg.shape
     n, bs = block_tables.shape[1], k_cache.shape[2]
+    length = n * bs
     flat_ids = block_tables.reshape(-1)
     shape = (hk, m * n, bs, d)
     k = gather_blocks(k_cache, flat_ids, _scratch(workspace, "k", shape, k_cache))
-    k = k.view(hk, m, n * bs, d)  # (Hk, m, L, D), contiguous: no permute copy
-    scores = _scratch(workspace, "scores", (hk, m, group, n * bs), qg, torch.float32)
+    k = k.view(hk * m, length, d)  # (Hk*m, L, D), contiguous: no permute copy
+    q3 = qg.reshape(hk * m, group, d)  # (Hk*m, G, D), a small copy
+    scores = _scratch(workspace, "scores", (hk * m, group, length), qg, torch.float32)
     if qg.dtype == torch.float32:
-        scores = torch.matmul(qg, k.transpose(-1, -2), out=scores)  # (Hk, m, G, L)
+        scores = torch.bmm(q3, k.transpose(1, 2), out=scores)  # (Hk*m, G, L)
     else:  # low precision: scores and softmax in fp32 (exp amplifies rounding of the logits)
-        scores = torch.matmul(qg.float(), k.transpose(-1, -2).float(), out=scores)
-    scores += attn_bias.squeeze(1)  # (m, 1, L) broadcast: masks padding and unwritten slots
+        scores = torch.bmm(q3.float(), k.transpose(1, 2).float(), out=scores)
+    # (m, 1, L) bias broadcast over (Hk, m, G, L): masks padding and unwritten slots
+    scores.view(hk, m, group, length).add_(attn_bias.squeeze(1))
     probs = _scratch(workspace, "probs", scores.shape, qg, torch.float32)
-    probs = torch.softmax(scores, dim=-1, out=probs).to(qg.dtype)  # (Hk, m, G, L)
-    # V reuses nothing of K's buffer: gathered after the scores so K is evicted first
+    probs = torch.softmax(scores, dim=-1, out=probs).to(qg.dtype)  # (Hk*m, G, L)
     v = gather_blocks(v_cache, flat_ids, _scratch(workspace, "v", shape, v_cache))
-    return torch.matmul(probs, v.view(hk, m, n * bs, d))  # (Hk, m, G, D)
+    out = torch.bmm(probs, v.view(hk * m, length, d))  # (Hk*m, G, D)
+    return out.view(hk, m, group, d)
 
 
 def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,

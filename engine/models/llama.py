@@ -33,6 +33,18 @@ def rope_tables(config: LlamaConfig, device: torch.device | None = None
     return angles.cos().to(device), angles.sin().to(device)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (T, in) @ weight (out, in).T -> (T, out), contiguous.
+
+    On CPU, MKL runs `weight @ x.T` about 1.5x faster than `x @ weight.T` for the skinny
+    activations of decode and chunked prefill (30 matmuls of 3072x576: 41.6 vs 66.2 ms at T=8,
+    78 vs 113 ms at T=32, on this 2-core EPYC VM), with the same results to within ~1e-5
+    (bitwise equal at most T). Elsewhere F.linear is the fast path."""
+    if x.device.type != "cpu":
+        return F.linear(x, weight)
+    return torch.mm(weight, x.t()).t().contiguous()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (T, heads, D) rotated by cos/sin (T, 1, D): x * cos + rotate_half(x) * sin."""
     x1, x2 = x.chunk(2, dim=-1)  # (T, heads, D/2) each
@@ -55,7 +67,7 @@ class Attention(nn.Module):
                 meta: AttentionMetadata, kv_cache: PagedKVCache) -> torch.Tensor:
         t = x.shape[0]
         h, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x).view(t, h + 2 * hk, d)  # (T, H + 2Hk, D)
+        qkv = linear(x, self.qkv_proj.weight).view(t, h + 2 * hk, d)  # (T, H + 2Hk, D)
         # q and k are adjacent in the fused output: rotate both with one set of ops
         qk = apply_rope(qkv[:, : h + hk], cos, sin)  # (T, H + Hk, D)
         q, k = qk[:, :h], qk[:, h:]  # (T, H, D), (T, Hk, D)
@@ -63,7 +75,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache.layer_kv(layer)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale,
                               kv_cache.workspace)  # (T, H, D)
-        return self.o_proj(out.reshape(t, h * d))  # (T, C)
+        return linear(out.reshape(t, h * d), self.o_proj.weight)  # (T, C)
 
 
 class MLP(nn.Module):
@@ -74,8 +86,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
-        return self.down_proj(F.silu(gate) * up)  # (T, C)
+        gate, up = linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)  # (T, I) each
+        return linear(F.silu(gate) * up, self.down_proj.weight)  # (T, C)
 
 
 class DecoderLayer(nn.Module):
@@ -129,4 +141,4 @@ class Llama(nn.Module):
         """hidden (N, C) -> fp32 logits (N, V). Only call it on the rows you sample from: the
         LM head is the biggest matmul of a decode step."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()  # (N, V)
+        return linear(hidden, weight).float()  # (N, V)
