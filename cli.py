@@ -145,7 +145,7 @@ def _open_writer(args: argparse.Namespace, config):
 
 
 def _config_from_args(args: argparse.Namespace, max_model_len: int | None):
-    from engine.config import ConfigError, RunConfig, SamplingConfig, WorkloadSpec, parse_bytes
+    from engine.config import ConfigError, RunConfig, SamplingConfig, parse_bytes
 
     try:
         sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,

@@ -40,6 +40,9 @@ def load_transformers(device: torch.device, dtype: torch.dtype):
     path = gguf_path()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                  torch_dtype=dtype)
+    # No EOS: both sides generate exactly the requested lengths from the raw argmax
+    # (min_new_tokens would instead suppress EOS and change the tokens).
+    model.generation_config.eos_token_id = None
     return model.to(device).eval()
 
 
@@ -54,8 +57,7 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -
     device = model.device
     with torch.inference_mode():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=pad_id)
+                             max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
     return [row[width:].tolist() for row in out.cpu()]
 
 
@@ -81,7 +83,8 @@ def scenario(name, loaded, hf, prompts, lengths, pad_id):
     hf_outputs, hf_s = [], 0.0
     for start in range(0, len(prompts), 8):
         batch, batch_lengths = prompts[start:start + 8], lengths[start:start + 8]
-        outs, seconds = timed(lambda b=batch, n=max(batch_lengths): hf_generate(hf, b, n, pad_id))
+        longest = max(batch_lengths)  # a static batch runs until its longest request is done
+        outs, seconds = timed(lambda b=batch, n=longest: hf_generate(hf, b, n, pad_id))
         hf_outputs += [o[:n] for o, n in zip(outs, batch_lengths, strict=True)]
         hf_s += seconds
     matching = sum(a == b for a, b in zip(ours, hf_outputs, strict=True))

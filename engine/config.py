@@ -204,7 +204,8 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ConfigError(sorted(unknown)[0], f"unknown setting; known ones are {sorted(known)}")
+            raise ConfigError(sorted(unknown)[0],
+                              f"unknown setting; known ones are {sorted(known)}")
         return cls(**data)
 
     @classmethod

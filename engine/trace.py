@@ -10,8 +10,9 @@ The engine only calls a `TraceSink`; it never touches a database.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 BlockEventKind = Literal["allocate", "touch", "cache", "free", "evict"]
 BLOCK_EVENT_KINDS: tuple[str, ...] = ("allocate", "touch", "cache", "free", "evict")

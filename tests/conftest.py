@@ -74,6 +74,36 @@ def hf_oracle():
     return model.eval()
 
 
+# Eight chat prompts of different lengths; their transformers greedy continuations are the
+# reference for the model tests (through the runner) and the engine tests (through the scheduler).
+ORACLE_QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers and explain why each is prime.",
+    "hi",
+    "Explain, in two sentences, what a KV cache is and why inference engines page it into "
+    "fixed-size blocks instead of one contiguous buffer per request.",
+    "Translate 'good morning' into Spanish, French and German.",
+    "What is 17 * 23? Show your working step by step, please.",
+    "Tell me a short joke about computers and programmers, please.",
+]
+ORACLE_NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="session")
+def oracle_prompts(tokenizer) -> list[list[int]]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}])
+            for q in ORACLE_QUESTIONS]
+
+
+@pytest.fixture(scope="session")
+def oracle_expected(hf_oracle, oracle_prompts) -> list[list[int]]:
+    """transformers' raw greedy continuation (ORACLE_NEW_TOKENS tokens) of each prompt."""
+    from oracle import hf_greedy
+
+    return [hf_greedy(hf_oracle, p, ORACLE_NEW_TOKENS) for p in oracle_prompts]
+
+
 @pytest.fixture(scope="session")
 def hf_tokenizer():
     """transformers' tokenizer converted from the same GGUF (the tokenizer tests' oracle)."""

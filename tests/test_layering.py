@@ -31,7 +31,8 @@ def test_store_imports_only_engine_trace_types():
     for path in (ROOT / "store").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("engine"):
-                assert node.module in {"engine.trace", "engine.config", "engine.run_result"}, (
-                    f"{path.name} imports {node.module}")
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            if module and module.startswith("engine"):
+                assert module in {"engine.trace", "engine.config", "engine.run_result"}, (
+                    f"{path.name} imports {module}")
         assert not imported_top_level_modules(path) & FORBIDDEN_IN_STORE, path.name

@@ -18,19 +18,8 @@ from engine.models.config import TINY_LLAMA
 from engine.models.loader import load_model
 from engine.sequence import Sequence
 
-NEW_TOKENS = 32
+NEW_TOKENS = 32  # the length of the oracle_expected fixture
 BLOCK_SIZE = 16
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three prime numbers and explain why each is prime.",
-    "hi",
-    "Explain, in two sentences, what a KV cache is and why inference engines page it into "
-    "fixed-size blocks instead of one contiguous buffer per request.",
-    "Translate 'good morning' into Spanish, French and German.",
-    "What is 17 * 23? Show your working step by step, please.",
-    "Tell me a short joke about computers and programmers, please.",
-]
 
 
 class LocalAllocator:
@@ -43,28 +32,6 @@ class LocalAllocator:
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         while len(seq.block_table) * BLOCK_SIZE < num_tokens:
             seq.block_table.append(self.free.pop())
-
-
-def hf_greedy(hf_model, prompt: list[int], new_tokens: int) -> list[int]:
-    """Plain argmax loop (generate() would stop at or suppress EOS; we want raw argmax)."""
-    with torch.inference_mode():
-        out = hf_model(torch.tensor([prompt]), use_cache=True)
-        ids = []
-        for _ in range(new_tokens):
-            ids.append(int(out.logits[0, -1].argmax()))
-            out = hf_model(torch.tensor([[ids[-1]]]), past_key_values=out.past_key_values,
-                           use_cache=True)
-    return ids
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer) -> list[list[int]]:
-    return [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
-
-
-@pytest.fixture(scope="module")
-def expected(hf_oracle, prompts) -> list[list[int]]:
-    return [hf_greedy(hf_oracle, p, NEW_TOKENS) for p in prompts]
 
 
 def generate(runner: ModelRunner, alloc: LocalAllocator, seqs: list[Sequence],
@@ -93,18 +60,20 @@ def make_seqs(prompts: list[list[int]]) -> list[Sequence]:
 
 
 @pytest.mark.slow
-def test_one_prompt_at_a_time_matches_transformers(smollm2, prompts, expected):
+def test_one_prompt_at_a_time_matches_transformers(smollm2, oracle_prompts,
+                                                   oracle_expected):
     cache = PagedKVCache(smollm2.config, 64, BLOCK_SIZE, torch.float32, smollm2.device)
     runner = ModelRunner(smollm2, cache)
     for i in range(5):
-        (seq,) = make_seqs([prompts[i]])
+        (seq,) = make_seqs([oracle_prompts[i]])
         generate(runner, LocalAllocator(64, seed=i), [seq], 10_000, NEW_TOKENS)
-        assert seq.output_token_ids == expected[i], f"prompt {i}"
+        assert seq.output_token_ids == oracle_expected[i], f"prompt {i}"
 
 
 @pytest.mark.slow
 def test_eight_prompts_batched_with_chunked_prefill_match_transformers(
-        smollm2, prompts, expected):
+        smollm2, oracle_prompts, oracle_expected):
+    prompts = oracle_prompts
     assert len({len(p) for p in prompts}) == len(prompts), "prompt lengths should all differ"
     cache = PagedKVCache(smollm2.config, 256, BLOCK_SIZE, torch.float32, smollm2.device)
     runner = ModelRunner(smollm2, cache)
@@ -112,7 +81,7 @@ def test_eight_prompts_batched_with_chunked_prefill_match_transformers(
     # chunks of 40: long prompts need two steps, so steps mix prefill chunks with decodes
     generate(runner, LocalAllocator(256, seed=99), seqs, 40, NEW_TOKENS)
     for i, seq in enumerate(seqs):
-        assert seq.output_token_ids == expected[i], f"prompt {i}"
+        assert seq.output_token_ids == oracle_expected[i], f"prompt {i}"
 
 
 def test_tiny_model_is_deterministic_and_batch_invariant():

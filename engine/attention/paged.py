@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from engine.attention import cpu_kernel
 from engine.attention.metadata import AttentionMetadata
 
 
@@ -196,6 +197,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             meta: AttentionMetadata, scale: float, workspace: Workspace | None) -> torch.Tensor:
+    # CPU fp32: the fused kernel reads blocks in place (no gather copy); None means it does
+    # not apply here (other device or dtype, no compiler, disabled) and PyTorch runs instead
+    out = cpu_kernel.paged_decode(q, k_cache, v_cache, meta.decode_block_tables,
+                                  meta.decode_context_lens, scale)
+    if out is not None:
+        return out
     if meta.decode_attn_bias is None:  # first layer of the step builds the mask for all layers
         length = meta.decode_block_tables.shape[1] * k_cache.shape[2]
         meta.decode_attn_bias = decode_attn_bias(meta.decode_context_lens, length, q.dtype)
