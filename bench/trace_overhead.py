@@ -1,6 +1,6 @@
 """What tracing into the store costs the engine, measured in one process.
 
-    .venv/bin/python bench/trace_overhead.py [--reps 5] [--steps 10000]
+    .venv/bin/python bench/trace_overhead.py [--reps 7] [--steps 10000] [--json]
 
 1. The same tiny-model workload with the in-memory `ListSink` and with `RunWriter` on SQLite,
    interleaved (`--reps` pairs, order alternating); medians and best-of compared. Target
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
@@ -162,7 +163,10 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=7, help="interleaved pairs of engine runs")
     parser.add_argument("--steps", type=int, default=10_000, help="steps of the replay trace")
     parser.add_argument("--skip-engine", action="store_true", help="only the replay figures")
+    parser.add_argument("--json", action="store_true",
+                        help="also print the figures as one JSON object on the last line")
     args = parser.parse_args()
+    figures: dict[str, object] = {"bench": "trace_overhead"}
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(f"sqlite:///{tmp}/bench.db")
         if not args.skip_engine:
@@ -174,13 +178,19 @@ def main() -> int:
             print(f"time inside RunWriter's sink calls: {e['sink_us_per_step']:.0f} us per step "
                   f"(a step took {e['step_ms']:.1f} ms)")
             print(f"database bytes per 1000 engine steps: {e['bytes_per_1000_steps']:,.0f}")
+            figures["engine"] = {**{k: round(v, 4) for k, v in e.items()}, "target": "<= 1.05",
+                                 "pass": e["ratio"] <= 1.05}
         r = replay_speed(store, args.steps)
         print(f"{args.steps}-step trace ({r['events']:,.0f} block events) written in "
               f"{r['write_s']:.2f} s; database bytes per 1000 steps: "
               f"{r['bytes_per_1000_steps']:,.0f}")
         print(f"block_state_at at a random step: median {r['median_ms']:.1f} ms, "
               f"max {r['max_ms']:.1f} ms (target < 50 ms)")
+        figures["replay"] = {**{k: round(v, 3) for k, v in r.items()}, "steps": args.steps,
+                             "target_ms": "< 50", "pass": r["max_ms"] < 50}
         store.dispose()
+    if args.json:
+        print(json.dumps(figures))
     return 0
 
 

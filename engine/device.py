@@ -11,6 +11,10 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
+class DeviceError(ValueError):
+    """The requested device cannot be used on this machine."""
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present; asking for 'cuda' without one is an error, not a fallback,
     so a run never silently measures the wrong machine."""
@@ -20,9 +24,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("no CUDA device found; use device 'cpu' or 'auto'")
+            raise DeviceError("no CUDA device found; use device 'cpu' or 'auto'")
         return torch.device("cuda")
-    raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda'")
+    raise DeviceError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda'")
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -17,6 +17,7 @@ neighbours on the machine make these drift +-30 %, so read the ratios):
     head-major, index_select(dim=1), whole batch at once            7.2-8.6 ms   2.0-2.4x
     block-major gather + permute + matmul (machine loaded)                       ~8.5x
     block-major gather + SDPA(enable_gqa) (machine loaded)                       ~3.9x
+    head-major, fused C kernel reading blocks in place (cpu_kernel.py)  2.9-3.4 ms   0.7-0.85x
 
 Freshly allocated gathers are the hidden cost: every new multi-MB tensor is a fresh mmap whose
 page faults cost more than the attention (6.4x SDPA without reuse), hence the Workspace in
