@@ -49,9 +49,11 @@ if steps.empty:
     st.warning("This run recorded no steps.")
     st.stop()
 first, last = int(steps["step"].min()), int(steps["step"].max())
-if st.session_state.get("replay_for") != (run_id, last):  # a new run: start at its first step
+# Keyed on the run only: a run still being written grows every few seconds, and that must not
+# send the slider back to step 1 or stop playback. The clamp keeps the step within the steps so far.
+if st.session_state.get("replay_for") != run_id:  # a new run: start at its first step
     st.session_state.replay_step = first
-    st.session_state.replay_for = (run_id, last)
+    st.session_state.replay_for = run_id
     st.session_state.replay_playing = False
 st.session_state.replay_step = min(max(st.session_state.get("replay_step", first), first), last)
 

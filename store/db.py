@@ -111,6 +111,18 @@ class Store:
             with conn.begin():
                 yield conn
 
+    def mark_stale_runs(self) -> list[int]:
+        """Mark runs whose writer died `interrupted`; returns their ids.
+
+        open_store does this once; long-lived callers (the dashboard) repeat it. It reads
+        first, so the usual case (nothing stale) takes no write lock.
+        """
+        with self.engine.connect() as conn:
+            if not _stale_run_ids(conn, utcnow()):
+                return []
+        with self.write() as conn:
+            return mark_stale_runs(conn)
+
     def dispose(self) -> None:
         self.engine.dispose()
 
@@ -164,12 +176,7 @@ def schema_version(store: Store) -> int:
 def mark_stale_runs(conn: Connection) -> list[int]:
     """Mark `running` runs whose writer process is gone as `interrupted`; returns their ids."""
     now = utcnow()
-    rows = conn.execute(
-        select(Run.id, Run.writer_pid, Run.writer_host, Run.writer_started, Run.heartbeat_at)
-        .where(Run.status == "running")
-    ).all()
-    stale = [r.id for r in rows if not writer_alive(
-        r.writer_pid, r.writer_host, r.writer_started, r.heartbeat_at, now)]
+    stale = _stale_run_ids(conn, now)
     if stale:
         conn.execute(
             update(Run).where(Run.id.in_(stale), Run.status == "running")
@@ -177,3 +184,12 @@ def mark_stale_runs(conn: Connection) -> list[int]:
                     error="the writing process stopped before closing the run")
         )
     return stale
+
+
+def _stale_run_ids(conn: Connection, now: datetime) -> list[int]:
+    rows = conn.execute(
+        select(Run.id, Run.writer_pid, Run.writer_host, Run.writer_started, Run.heartbeat_at)
+        .where(Run.status == "running")
+    ).all()
+    return [r.id for r in rows if not writer_alive(
+        r.writer_pid, r.writer_host, r.writer_started, r.heartbeat_at, now)]

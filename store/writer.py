@@ -173,7 +173,6 @@ class RunWriter:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join()
-        self._closed = True
         write_error = self._error
         if write_error is not None:
             error = f"{error}; " if error else ""
@@ -190,6 +189,9 @@ class RunWriter:
         except Exception as exc:
             raise StoreError(f"could not finish run {self.run_id} in "
                              f"{self._store.display_url}: {exc}") from exc
+        # Closed only once the status row is written, so a retry (close(error=...)) can still
+        # mark the run failed instead of leaving it `running` under a live pid.
+        self._closed = True
         if write_error is not None:
             raise StoreError(f"run {self.run_id}: the trace could not be written "
                              f"({write_error}); the run is marked failed") from write_error

@@ -1,8 +1,9 @@
 """The Experiment form: a widget per RunConfig knob, validated on every change.
 
 `render_config_form()` lays the widgets out and leaves an empty slot under each; the page
-builds the config with `config_from_values()` and `show_error()` puts a `ConfigError` in the
-slot of the widget it names, so a bad setting is explained where it was made, before running.
+passes the values and slots to `validate()`, which builds the config (`config_from_values()`)
+or puts its `ConfigError` in the slot of the widget it names, so a bad setting is explained
+where it was made, before running.
 """
 
 from __future__ import annotations

@@ -40,10 +40,6 @@ def get_store() -> Store:
     return _store(db_url())
 
 
-def reader() -> RunReader:
-    return RunReader(get_store())
-
-
 @st.cache_resource(show_spinner=False, max_entries=4)
 def _model(name: str, device: str, dtype: str, seed: int) -> LoadedModel:
     from engine.models.loader import load_model  # torch model code: only when a run starts
@@ -65,7 +61,11 @@ def get_model(config: RunConfig) -> LoadedModel:
 # Queries ------------------------------------------------------------------------------------
 @st.cache_data(show_spinner=False, ttl=5, max_entries=16)
 def _list_runs(url: str, limit: int | None) -> pd.DataFrame:
-    return RunReader(_store(url)).list_runs(limit=limit)
+    store = _store(url)
+    # open_store marks dead writers' runs only once, and the store lives as long as the server:
+    # a CLI run killed while the dashboard is up would otherwise stay `running` for good.
+    store.mark_stale_runs()
+    return RunReader(store).list_runs(limit=limit)
 
 
 def list_runs(limit: int | None = None) -> pd.DataFrame:
@@ -155,17 +155,9 @@ def step_series(run_id: int, rev: str) -> pd.DataFrame:
     return _step_series(db_url(), run_id, rev)
 
 
-def block_mix(run_id: int, rev: str) -> pd.DataFrame:
-    return analysis.block_mix(step_series(run_id, rev))
-
-
 @st.cache_data(show_spinner=False, max_entries=16)
 def _request_segments(url: str, run_id: int, rev: str, last_step: int) -> pd.DataFrame:
     return timeline.request_segments(_request_events(url, run_id, rev), last_step)
-
-
-def request_segments(run_id: int, rev: str, last_step: int) -> pd.DataFrame:
-    return _request_segments(db_url(), run_id, rev, last_step)
 
 
 # Chart specs of a whole run: built (and validated) once per run revision; Replay layers the

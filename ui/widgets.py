@@ -58,13 +58,14 @@ def _progress_text(live: LiveRun) -> str:
 def live_run_panel(live: LiveRun, *, show_charts: bool = True, key: str = "live") -> None:
     """Progress, live charts and a Stop button, redrawn every second while the run goes on.
 
-    When the run ends the whole page reruns once, so it can show the summary (or move on).
+    Call it only when the page found the run not done. The fragment always polls, so a run
+    that ends between the page's check and this call is still noticed: the whole page then
+    reruns once, so it can show the summary (or move on).
     """
-    was_running = not live.done
 
-    @st.fragment(run_every=LIVE_REFRESH_S if was_running else None)
+    @st.fragment(run_every=LIVE_REFRESH_S)
     def panel() -> None:
-        if was_running and live.done:
+        if live.done:
             resources.refresh_runs()
             st.rerun(scope="app")
         cols = st.columns([5, 1])
