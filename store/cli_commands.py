@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pandas as pd
 
@@ -65,12 +66,19 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     return run
 
 
-def cmd_runs(args: argparse.Namespace) -> int:
+@contextmanager
+def _store_for(args: argparse.Namespace) -> Iterator:
+    """The store named by --db, closed again when the command is done."""
     store = open_store(args.db)
     try:
-        df = RunReader(store).list_runs(status=args.status, limit=args.limit)
+        yield store
     finally:
         store.dispose()
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    with _store_for(args) as store:
+        df = RunReader(store).list_runs(status=args.status, limit=args.limit)
     rows = [{"run_id": int(r.run_id), "name": None if pd.isna(r.name) else r.name,
              "status": r.status,
              "steps": int(r.num_steps), "created": r.created_at.isoformat(timespec="seconds")}
@@ -89,30 +97,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    store = open_store(args.db)
-    try:
+    with _store_for(args) as store:
         path = export_run(store, args.run_id, args.file)
-    finally:
-        store.dispose()
     print(f"exported run {args.run_id} to {path}")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    store = open_store(args.db)
-    try:
+    with _store_for(args) as store:
         run_id = import_run(store, args.file)
-    finally:
-        store.dispose()
     print(f"run id: {run_id}")
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    store = open_store(args.db)
-    try:
+    with _store_for(args) as store:
         delete_run(store, args.run_id)
-    finally:
-        store.dispose()
     print(f"deleted run {args.run_id}")
     return 0

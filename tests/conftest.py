@@ -111,3 +111,14 @@ def hf_tokenizer():
 
     path = gguf_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=GGUF_FILE)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An empty SQLite store that the dashboard pages under test also open (via KVLAB_DB_URL).
+    The store tests define their own `store` (parametrised over SQLite and PostgreSQL)."""
+    from store import open_store
+
+    url = f"sqlite:///{tmp_path / 'kvlab.db'}"
+    monkeypatch.setenv("KVLAB_DB_URL", url)
+    return open_store(url)

@@ -5,22 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine.config import RunConfig, WorkloadSpec
 from engine.run import run
-from store import RunWriter, open_store
+from store import RunWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = "pages/3_Compare.py"
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'kvlab.db'}"
-    monkeypatch.setenv("KVLAB_DB_URL", url)
-    return open_store(url)
 
 
 def seed_run(store, model, name: str, **knobs) -> int:

@@ -9,18 +9,11 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from store import RunReader, open_store
+from store import RunReader
 from ui import session
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = "pages/1_Experiment.py"
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'kvlab.db'}"
-    monkeypatch.setenv("KVLAB_DB_URL", url)
-    return open_store(url)
 
 
 def open_page() -> AppTest:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine.config import RunConfig, WorkloadSpec
-from store import RunReader, export_run, open_store
+from store import RunReader, export_run
 from ui import session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,13 +21,6 @@ def tiny_config(**knobs) -> RunConfig:
         output_len_min=4, output_len_max=8, num_prefix_groups=1, shared_prefix_len=24))
     return RunConfig(model="tiny", device="cpu", block_size=8, num_blocks=32,
                      max_model_len=128, keyframe_interval=5, **knobs)
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'kvlab.db'}"
-    monkeypatch.setenv("KVLAB_DB_URL", url)
-    return open_store(url)
 
 
 def wait_for_live_run(at: AppTest, timeout: float = 120) -> None:

@@ -7,7 +7,6 @@ import random
 import time
 from pathlib import Path
 
-import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine.config import RunConfig, WorkloadSpec
@@ -20,18 +19,11 @@ from engine.trace import (
     StepRecord,
     apply_block_event,
 )
-from store import RunReader, RunWriter, import_run, open_store
+from store import RunReader, RunWriter, import_run
 from ui import widgets
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = "pages/2_Replay.py"
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    url = f"sqlite:///{tmp_path / 'kvlab.db'}"
-    monkeypatch.setenv("KVLAB_DB_URL", url)
-    return open_store(url)
 
 
 def seed_run(store, model=None, name: str = "seeded", **knobs) -> int:
