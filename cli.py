@@ -135,13 +135,14 @@ def _open_writer(args: argparse.Namespace, config):
         return None
     from store import RunWriter, StoreError, open_store
 
+    def announce(run_id: int) -> None:  # the row appears with the run's first keyframe
+        print(f"run id: {run_id}", file=sys.stderr if args.json else sys.stdout, flush=True)
+
     try:
         store = open_store(args.db)
-        writer = RunWriter(store, config, name=args.name)
+        return RunWriter(store, config, name=args.name, on_open=announce)
     except StoreError as exc:
         raise CliError(str(exc)) from exc
-    print(f"run id: {writer.run_id}", file=sys.stderr if args.json else sys.stdout, flush=True)
-    return writer
 
 
 def _config_from_args(args: argparse.Namespace, max_model_len: int | None):

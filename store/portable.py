@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from engine.trace import BLOCK_EVENT_KINDS, REQUEST_EVENT_KINDS, Keyframe
 from store.db import Store, utcnow
 from store.errors import StoreError
-from store.keyframes import decode_keyframe, encode_keyframe
+from store.keyframes import encode_keyframe
 from store.liveness import writer_alive
 from store.models import (
     CHILD_TABLES,
@@ -40,15 +40,13 @@ _INSERT_CHUNK = 20_000
 
 def export_run(store: Store, run_id: int, path: str | Path) -> Path:
     """Write run `run_id` to `path` (see store.trace_file); returns the path."""
-    reader = RunReader(store)
-    info = reader.run_info(run_id)
-    with store.engine.connect() as conn:
-        keyframes = [decode_keyframe(step, data) for step, data in conn.execute(
-            select(KeyframeRow.step, KeyframeRow.data).where(KeyframeRow.run_id == run_id)
-            .order_by(KeyframeRow.step))]
-    frames = {"steps": reader.steps(run_id), "block_events": reader.block_events(run_id),
-              "request_events": reader.request_events(run_id),
-              "requests": reader.requests(run_id)}
+    # One read transaction: a run still being written exports as one consistent prefix.
+    with RunReader(store).snapshot() as reader:
+        info = reader.run_info(run_id)
+        keyframes = reader.keyframes(run_id)
+        frames = {"steps": reader.steps(run_id), "block_events": reader.block_events(run_id),
+                  "request_events": reader.request_events(run_id),
+                  "requests": reader.requests(run_id)}
     tables = {name: pa.Table.from_pandas(df, schema=SCHEMAS[name], preserve_index=False)
               for name, df in frames.items()}
     tables["keyframes"] = pa.Table.from_pylist(

@@ -6,6 +6,8 @@ asked for one run), in recording order, with pandas nullable `Int64` for nullabl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
@@ -19,6 +21,7 @@ from engine.trace import (
     REQUEST_EVENT_KINDS,
     BlockEvent,
     BlockState,
+    Keyframe,
     RequestRecord,
     StepRecord,
     apply_block_event,
@@ -66,10 +69,28 @@ class RunInfo:
 
 
 class RunReader:
-    """Read-only queries; safe to use while writers are appending (each call is one snapshot)."""
+    """Read-only queries; safe to use while writers are appending. Each call is one snapshot;
+    inside `with reader.snapshot() as snap:` every call of `snap` sees the same one."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, _connection: Connection | None = None) -> None:
         self.store = store
+        self._connection = _connection  # set only by snapshot()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[RunReader]:
+        """A reader bound to one read transaction: a run that is still being written reads as
+        it was when the first query ran (REPEATABLE READ on PostgreSQL; on SQLite a WAL read
+        transaction already sees one snapshot)."""
+        with self.store.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield RunReader(self.store, _connection=conn)
+
+    def _connect(self) -> AbstractContextManager[Connection]:
+        if self._connection is not None:
+            return nullcontext(self._connection)
+        return self.store.engine.connect()
 
     def list_runs(self, status: str | None = None, name_like: str | None = None,
                   limit: int | None = None) -> pd.DataFrame:
@@ -81,7 +102,7 @@ class RunReader:
             query = query.where(Run.name.ilike(f"%{name_like}%"))
         if limit is not None:
             query = query.limit(limit)
-        with self.store.engine.connect() as conn:
+        with self._connect() as conn:
             runs = conn.execute(query).all()
         records = []
         for run in runs:
@@ -96,7 +117,7 @@ class RunReader:
         return df if len(df) else pd.DataFrame(columns=list(RUN_COLUMNS))
 
     def run_info(self, run_id: int) -> RunInfo:
-        with self.store.engine.connect() as conn:
+        with self._connect() as conn:
             run = self._run(conn, run_id)
         try:
             config = RunConfig.from_json(run.config_json)
@@ -137,6 +158,11 @@ class RunReader:
         query = select(*columns).where(RequestRow.run_id == run_id).order_by(RequestRow.ordinal)
         return frame(self._rows(run_id, query), REQUEST_DTYPES)
 
+    def keyframes(self, run_id: int) -> list[Keyframe]:
+        query = (select(KeyframeRow.step, KeyframeRow.data).where(KeyframeRow.run_id == run_id)
+                 .order_by(KeyframeRow.step))
+        return [decode_keyframe(step, data) for step, data in self._rows(run_id, query)]
+
     def keyframe_steps(self, run_id: int) -> list[int]:
         query = (select(KeyframeRow.step).where(KeyframeRow.run_id == run_id)
                  .order_by(KeyframeRow.step))
@@ -144,24 +170,26 @@ class RunReader:
 
     def last_step(self, run_id: int) -> int:
         """The last committed step (0 before the first step is committed)."""
-        with self.store.engine.connect() as conn:
+        with self._connect() as conn:
             self._run(conn, run_id)
             last = conn.execute(select(func.max(Step.step)).where(Step.run_id == run_id))
             return last.scalar() or 0
 
     def block_state_at(self, run_id: int, step: int) -> BlockState:
-        """State after `step`: the nearest keyframe at or before it plus the events since."""
+        """State after `step`: the nearest keyframe at or before it plus the events since;
+        an empty state (no blocks) for a run that has no keyframe at or before `step`."""
         e = BlockEventRow
-        with self.store.engine.connect() as conn:
+        with self._connect() as conn:
             keyframe = conn.execute(
                 select(KeyframeRow.step, KeyframeRow.data)
                 .where(KeyframeRow.run_id == run_id, KeyframeRow.step <= step)
                 .order_by(KeyframeRow.step.desc()).limit(1)
             ).first()
             if keyframe is None:
+                # A run row without a keyframe holds no block state yet (a writer that ended
+                # before its first keyframe, or an import of such a run): an empty pool.
                 self._run(conn, run_id)
-                raise StoreError(f"run {run_id} has no keyframe at or before step {step}, so its "
-                                 "block state cannot be rebuilt; record keyframes from step 0")
+                return BlockState([], [], [], [])
             events = conn.execute(
                 select(e.step, e.block_id, e.kind, e.request_id, e.ref_count, e.block_hash)
                 .where(e.run_id == run_id, e.step > keyframe.step, e.step <= step)
@@ -175,7 +203,7 @@ class RunReader:
 
     # Helpers ---------------------------------------------------------------------------------
     def _rows(self, run_id: int, query: Any) -> list[Any]:
-        with self.store.engine.connect() as conn:
+        with self._connect() as conn:
             self._run(conn, run_id)
             return [tuple(r) for r in conn.execute(query)]
 

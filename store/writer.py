@@ -7,6 +7,11 @@ prefix of everything recorded so far (all tables taken under one lock), so a kil
 leaves a database whose committed steps, events and keyframes are mutually consistent, and
 the run row's `num_steps` is updated in the same transaction.
 
+The run row appears in the database in the same transaction as the run's first keyframe (or,
+for a run that ends before recording anything, with its final status), never before: a reader
+that lists a run can always rebuild its block state. So `run_id` is None until the engine's
+first sink call; `on_open` is told the id as soon as it exists.
+
 A write error stops the thread; the next sink call raises it, and `close()` marks the run failed
 and raises it, so a trace is never silently incomplete.
 """
@@ -16,7 +21,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -81,10 +86,11 @@ class _Batch:
 
 
 class RunWriter:
-    """Writes one run. Creating it inserts the run row (status `running`); see `close()`.
+    """Writes one run; see `close()` for how it ends.
 
-    Only the engine's thread calls the sink methods; the background thread owns the database
-    connection for batches. `_pending`, `_busy`, `_stopping`, `_error` are guarded by `_cond`.
+    Only the engine's thread calls the sink methods (the first of them inserts the run row, on
+    that thread); the background thread owns the database connection for batches after that.
+    `_pending`, `_busy`, `_stopping`, `_error` are guarded by `_cond`.
     """
 
     def __init__(
@@ -94,11 +100,13 @@ class RunWriter:
         name: str | None = None,
         tags: Sequence[str] = (),
         *,
+        on_open: Callable[[int], None] | None = None,
         flush_interval_s: float = 0.25,
         max_batch_steps: int = 256,
         max_pending_steps: int = 8192,
     ) -> None:
         self._store = store
+        self._on_open = on_open
         self._interval = flush_interval_s
         self._max_batch = max_batch_steps
         self._max_pending = max_pending_steps  # back-pressure: bounded memory if the DB stalls
@@ -113,21 +121,38 @@ class RunWriter:
         self._num_requests = 0
         self._block_ordinals = _Ordinals()  # used by the background thread only
         self._request_ordinals = _Ordinals()
+        self.run_id: int | None = None  # set when the run row is inserted (see module docstring)
+        self._run_values: dict[str, Any] = dict(
+            name=name, tags=list(tags), config_json=config.to_json(), status="running",
+            model=config.model, num_steps=0, writer_pid=os.getpid(), writer_host=this_host(),
+            writer_started=process_start_time())
+        self._thread = threading.Thread(target=self._loop, name="kvlab-writer", daemon=True)
+
+    def _open(self, first_keyframe: Keyframe | None = None, **final: Any) -> int:
+        """Insert the run row, with `first_keyframe` in the same transaction, and start the
+        background thread (unless `final` values already end the run)."""
         now = utcnow()
-        with store.write() as conn:
-            self.run_id: int = conn.execute(insert(Run).values(
-                name=name, tags=list(tags), config_json=config.to_json(), status="running",
-                model=config.model,
-                created_at=now, heartbeat_at=now, num_steps=0, writer_pid=os.getpid(),
-                writer_host=this_host(), writer_started=process_start_time(),
-            ).returning(Run.id)).scalar_one()
-        self._thread = threading.Thread(target=self._loop, name=f"kvlab-writer-{self.run_id}",
-                                        daemon=True)
-        self._thread.start()
+        values = {**self._run_values, "created_at": now, "heartbeat_at": now, **final}
+        try:
+            with self._store.write() as conn:
+                run_id = conn.execute(insert(Run).values(**values).returning(Run.id)).scalar_one()
+                if first_keyframe is not None:
+                    conn.execute(insert(KeyframeRow), [_keyframe_row(run_id, first_keyframe)])
+        except Exception as exc:
+            raise StoreError(f"could not start a run in {self._store.display_url}: {exc}") from exc
+        self.run_id = run_id
+        if not final:
+            self._thread.name = f"kvlab-writer-{run_id}"
+            self._thread.start()
+        if self._on_open is not None:
+            self._on_open(run_id)
+        return run_id
 
     # TraceSink ------------------------------------------------------------------------------
     def record_step(self, step: StepRecord, block_events: Sequence[BlockEvent],
                     request_events: Sequence[RequestEvent]) -> None:
+        if self.run_id is None:
+            self._open()
         with self._cond:
             self._check_open()
             if len(self._pending.steps) >= self._max_pending:
@@ -139,23 +164,34 @@ class RunWriter:
                 self._cond.notify_all()
 
     def record_request(self, request: RequestRecord) -> None:
+        if self.run_id is None:
+            self._open()
         with self._cond:
             self._check_open()
             self._pending.requests.append(request)
 
     def record_keyframe(self, keyframe: Keyframe) -> None:
+        if self.run_id is None:
+            self._check_open()
+            self._open(first_keyframe=keyframe)
+            return
         with self._cond:
             self._check_open()
             self._pending.keyframes.append(keyframe)
 
     # Control --------------------------------------------------------------------------------
     def set_device(self, device: str, model: str) -> None:
+        if self.run_id is None:
+            self._run_values.update(device=device, model=model)
+            return
         with self._store.write() as conn:
             conn.execute(update(Run).where(Run.id == self.run_id)
                          .values(device=device, model=model))
 
     def flush(self) -> None:
         """Block until everything recorded so far is committed (tests, progress displays)."""
+        if self.run_id is None:
+            return
         with self._cond:
             self._check_open()
             self._flush_wanted = True
@@ -172,7 +208,8 @@ class RunWriter:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         write_error = self._error
         if write_error is not None:
             error = f"{error}; " if error else ""
@@ -183,6 +220,10 @@ class RunWriter:
             data = summary.to_dict() if isinstance(summary, RunSummary) else dict(summary)
             values["summary"] = data
             values.update({k: data[k] for k in SUMMARY_COLUMNS if k in data})
+        if self.run_id is None:  # nothing was recorded: the row is born with its final status
+            self._open(**values)
+            self._closed = True
+            return
         try:
             with self._store.write() as conn:
                 conn.execute(update(Run).where(Run.id == self.run_id).values(**values))
@@ -257,8 +298,7 @@ class RunWriter:
             request_rows.append({"run_id": self.run_id, "ordinal": self._num_requests,
                                  **{name: getattr(request, name) for name in REQUEST_FIELDS}})
             self._num_requests += 1
-        keyframe_rows = [{"run_id": self.run_id, "step": k.step, "num_blocks": len(k.ref_counts),
-                          "data": encode_keyframe(k)} for k in batch.keyframes]
+        keyframe_rows = [_keyframe_row(self.run_id, k) for k in batch.keyframes]
         with self._store.write() as conn:
             for model, rows in ((Step, step_rows), (BlockEventRow, block_rows),
                                 (RequestEventRow, request_event_rows), (RequestRow, request_rows),
@@ -268,3 +308,8 @@ class RunWriter:
             conn.execute(update(Run).where(Run.id == self.run_id).values(
                 num_steps=self._num_steps + len(step_rows), heartbeat_at=utcnow()))
         self._num_steps += len(step_rows)
+
+
+def _keyframe_row(run_id: int, keyframe: Keyframe) -> dict[str, Any]:
+    return {"run_id": run_id, "step": keyframe.step, "num_blocks": len(keyframe.ref_counts),
+            "data": encode_keyframe(keyframe)}

@@ -238,8 +238,8 @@ def main() -> int:
     parser.add_argument("--flush", type=float, default=0.25, help="seconds between commits")
     args = parser.parse_args()
     store = open_store(args.db)
-    writer = RunWriter(store, FAKE_CONFIG, name=args.name, flush_interval_s=args.flush)
-    print(f"run id: {writer.run_id}", flush=True)
+    writer = RunWriter(store, FAKE_CONFIG, name=args.name, flush_interval_s=args.flush,
+                       on_open=lambda run_id: print(f"run id: {run_id}", flush=True))
     fake_run(writer, args.steps, seed=args.seed, step_delay_s=args.delay)
     writer.close(summary={"steps": args.steps})
     return 0

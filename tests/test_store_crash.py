@@ -20,7 +20,7 @@ from store_fixtures import (  # noqa: F401 (fixtures)
 )
 
 from engine.trace import ListSink
-from store import RunReader, open_store
+from store import RunReader, export_run, import_run, open_store
 
 
 def _start(argv: list[str]) -> tuple[subprocess.Popen, int]:
@@ -121,3 +121,31 @@ def test_two_writers_and_a_polling_reader(db_url: str) -> None:
         assert reads > 10
     finally:
         store.dispose()
+
+
+def test_export_of_a_growing_run_is_one_consistent_snapshot(make_db_url, tmp_path) -> None:
+    """Exports taken while a writer commits every 10 ms import back self-consistent: the
+    manifest's step count, the steps, the events and the keyframes all end at one step."""
+    source_url, target_url = make_db_url(), make_db_url()
+    open_store(source_url).dispose()  # create the schema before the writer and reader race
+    proc, run_id = _start(["tests/store_fixtures.py", "--db", source_url, "--steps", "1500",
+                           "--delay", "0.002", "--flush", "0.01"])
+    source, target = open_store(source_url), open_store(target_url)
+    try:
+        _wait_for_steps(RunReader(source), run_id, proc, 20, timeout_s=60)
+        imported = []
+        while proc.poll() is None and len(imported) < 8:
+            path = export_run(source, run_id, tmp_path / f"growing-{len(imported)}.kvtrace.zip")
+            imported.append(import_run(target, path))
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+        assert len(imported) >= 2, "the writer finished before two exports were taken"
+        reader = RunReader(target)
+        truth = fake_run(ListSink(), 1500, seed=0)
+        for new_id in imported:
+            last = assert_consistent(reader, new_id)
+            assert reader.block_state_at(new_id, last).to_keyframe(last) == truth[last]
+    finally:
+        source.dispose()
+        target.dispose()
+        if proc.poll() is None:
+            proc.kill()

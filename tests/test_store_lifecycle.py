@@ -15,6 +15,7 @@ from sqlalchemy import text, update
 from store_fixtures import (  # noqa: F401 (fixtures)
     FAKE_CONFIG,
     ROOT,
+    FakeBlockManager,
     fake_run,
     fixture_db_url,
     fixture_make_db_url,
@@ -87,13 +88,19 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+def _started(writer: RunWriter) -> RunWriter:
+    """A writer whose run row exists: it appears with the first keyframe."""
+    writer.record_keyframe(FakeBlockManager(4).snapshot(0))
+    return writer
+
+
 def test_only_runs_with_dead_writers_become_interrupted(trace_store) -> None:
-    live = RunWriter(trace_store, FAKE_CONFIG)
+    live = _started(RunWriter(trace_store, FAKE_CONFIG))
     dead = RunWriter(trace_store, FAKE_CONFIG)
     fake_run(dead, 30)
     dead.flush()
-    remote_fresh = RunWriter(trace_store, FAKE_CONFIG)
-    remote_stale = RunWriter(trace_store, FAKE_CONFIG)
+    remote_fresh = _started(RunWriter(trace_store, FAKE_CONFIG))
+    remote_stale = _started(RunWriter(trace_store, FAKE_CONFIG))
     old = store_db.utcnow() - timedelta(hours=1)
     with trace_store.write() as conn:
         conn.execute(update(Run).where(Run.id == dead.run_id).values(writer_pid=_dead_pid()))

@@ -188,6 +188,24 @@ def test_writer_close_states(trace_store) -> None:
     assert reader.list_runs(status="failed").run_id.tolist() == [failed.run_id]
     with pytest.raises(StoreError, match="no run 999"):
         reader.steps(999)
+    # A run that ended before its first keyframe is listed, and reads as an empty pool.
+    assert reader.block_state_at(failed.run_id, 0).ref_counts == []
+    assert reader.steps(failed.run_id).empty
+
+
+def test_run_row_appears_with_its_first_keyframe(trace_store) -> None:
+    """A reader never sees a run it cannot rebuild: the row and keyframe 0 commit together."""
+    reader = RunReader(trace_store)
+    opened: list[int] = []
+    writer = RunWriter(trace_store, FAKE_CONFIG, on_open=opened.append)
+    writer.set_device("cpu", "tiny")
+    assert writer.run_id is None and reader.list_runs().empty and not opened
+    truth = fake_run(writer, 12)
+    assert opened == [writer.run_id] == reader.list_runs().run_id.tolist()
+    assert reader.run_info(writer.run_id).device == "cpu"
+    assert reader.block_state_at(writer.run_id, 0).to_keyframe(0) == truth[0]
+    writer.close()
+    assert reader.block_state_at(writer.run_id, 12).to_keyframe(12) == truth[12]
 
 
 def test_write_errors_surface_and_fail_the_run(trace_store) -> None:

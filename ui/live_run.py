@@ -77,7 +77,9 @@ class LiveRun:
         self.started_at = time.monotonic()
         self.ended_at: float | None = None
         self._stop = threading.Event()
-        self._registered = threading.Event()  # the run row exists (or the start failed)
+        # the run row exists (it appears with the first keyframe, after the model loads), or
+        # the run ended before that
+        self._registered = threading.Event()
         self._thread = threading.Thread(target=self._main, name="kvlab-run", daemon=True)
 
     # Control ----------------------------------------------------------------------------------
@@ -124,14 +126,17 @@ class LiveRun:
         return pd.DataFrame([{k: getattr(r, k) for k in StepRecord.__slots__} for r in records])
 
     # The thread -------------------------------------------------------------------------------
+    def _on_open(self, run_id: int) -> None:
+        self.run_id = run_id
+        self._registered.set()
+
     def _main(self) -> None:
         from engine.run import run  # the engine's model code loads with the first run
 
         writer: RunWriter | None = None
         try:
-            writer = RunWriter(self.store, self.config, name=self.name, tags=self.tags)
-            self.run_id = writer.run_id
-            self._registered.set()
+            writer = RunWriter(self.store, self.config, name=self.name, tags=self.tags,
+                               on_open=self._on_open)
             requests = build_workload(self.config.workload, self.config.seed)
             self.requests_total = len(requests)
             self.phase = "loading model"
