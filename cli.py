@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-num-batched-tokens", type=int, default=512)
     run.add_argument("--max-model-len", type=int)
     run.add_argument("--kv-dtype", default="auto")
+    run.add_argument("--policy", default="full",
+                     help="what each layer (or KV head range) keeps, e.g. full or "
+                          "'0-14:full; 15-29:full' (one KV cache group per range)")
     run.add_argument("--keyframe-interval", type=int, default=50)
     run.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens")
     run.add_argument("--name", help="a name for the stored run")
@@ -160,7 +163,8 @@ def _config_from_args(args: argparse.Namespace, max_model_len: int | None):
                 kv_budget_bytes=parse_bytes(args.kv_budget) if args.kv_budget else None,
                 enable_prefix_caching=args.prefix_caching, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_dtype=args.kv_dtype,
-                keyframe_interval=args.keyframe_interval, workload=_workload_spec(args.workload),
+                policy=args.policy, keyframe_interval=args.keyframe_interval,
+                workload=_workload_spec(args.workload),
             )
         config = RunConfig(**knobs)
     except ConfigError as exc:
@@ -236,9 +240,18 @@ def _print_summary(s: dict) -> None:
         ("evictions", s["num_evictions"]),
         ("peak blocks used", f"{s['peak_blocks_used']} of {s['num_blocks']}"),
         ("KV bytes per token", f"{s['kv_bytes_per_token']} ({s['kv_dtype']}, {s['device']})"),
+        ("KV cache groups", _groups_line(s.get("kv_groups") or [], s.get("kv_page_size_bytes"))),
     ]
     for label, value in rows:
         print(f"{label:>20}: {value}")
+
+
+def _groups_line(groups: list[dict], page_size: int | None) -> str:
+    """'1 (layers 0-29, KV heads 0-2: full), 737280 bytes per block'."""
+    shown = "; ".join(f"layers {g['layers']}, KV heads {g['kv_heads']}: {g['policy']}"
+                      for g in groups[:4])
+    more = f"; ... {len(groups) - 4} more" if len(groups) > 4 else ""
+    return f"{len(groups)} ({shown}{more}), {page_size} bytes per block"
 
 
 if __name__ == "__main__":

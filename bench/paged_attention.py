@@ -57,7 +57,7 @@ def make_case(batch: int, context: int, block_size: int, device: torch.device, s
     v = v_cache[:, flat].view(KV_HEADS, batch, context, HEAD_DIM).transpose(0, 1).contiguous()
     q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen).to(device)
     lens = torch.full((batch,), context, dtype=torch.int64, device=device)
-    bias = decode_attn_bias(lens, context, q.dtype)
+    bias = decode_attn_bias(lens, tables, block_size, -1, q.dtype)  # -1: no null block here
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, tables=tables, lens=lens, bias=bias, k=k,
                 v=v, workspace=Workspace())
 

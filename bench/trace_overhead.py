@@ -7,7 +7,7 @@
    ratio <= 1.05. Other processes on the machine skew single runs by tens of percent.
 2. Database bytes per 1000 steps, for those engine runs and for a 10,000-step trace.
 3. `block_state_at` at random steps of a 10,000-step run (target < 50 ms). That trace comes from
-   the engine's real BlockManager driven by a synthetic request stream (no model: 10,000 model
+   the engine's real KV cache manager driven by a synthetic request stream (no model: 10,000 model
    steps would take minutes on a CPU), so its events follow the engine's own rules.
 """
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.block_manager import BlockManager  # noqa: E402
 from engine.config import RunConfig, SamplingConfig, WorkloadSpec  # noqa: E402
+from engine.kv_cache import KVCacheManager  # noqa: E402
 from engine.trace import ListSink, StepRecord, TraceSink  # noqa: E402
 from store import RunReader, RunWriter, Store, open_store  # noqa: E402
 
@@ -102,10 +102,10 @@ def engine_overhead(store: Store, reps: int) -> dict[str, float]:
 
 def block_manager_trace(sink: TraceSink, num_steps: int, seed: int = 0,
                         keyframe_interval: int = 50) -> None:
-    """A synthetic request stream through the engine's BlockManager: prefix hits, decode
+    """A synthetic request stream through the engine's KV cache manager: prefix hits, decode
     growth, frees, evictions; records steps, events and keyframes like the engine does."""
     rng = random.Random(seed)
-    bm = BlockManager(num_blocks=512, block_size=16)
+    bm = KVCacheManager(ENGINE_CONFIG.kv_groups(), num_blocks=512)
     prefixes = [[rng.randrange(49152) for _ in range(64)] for _ in range(4)]
     running: dict[int, list[int]] = {}
     next_id, start = 0, time.monotonic()
@@ -115,7 +115,8 @@ def block_manager_trace(sink: TraceSink, num_steps: int, seed: int = 0,
         if len(running) < 8 and rng.random() < 0.3:
             tokens = prefixes[next_id % 4] + [rng.randrange(49152)
                                               for _ in range(rng.randint(16, 96))]
-            if bm.allocate(next_id, len(tokens), bm.lookup_prefix(tokens)):
+            hits = bm.lookup_prefix(tokens)
+            if bm.allocate(next_id, len(tokens), hits if hits[0] else ()):
                 bm.cache_blocks(next_id, tokens, len(tokens))
                 running[next_id] = tokens
             next_id += 1

@@ -13,12 +13,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from engine.kv_cache.layout import PolicyError, make_groups, parse_policy
+from engine.kv_cache.spec import KVCacheGroup
 from engine.models.config import MODEL_CONFIGS, LlamaConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 KV_DTYPES = ("auto", "fp32", "bf16", "fp16")  # "auto": the model's dtype
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 WORKLOAD_KINDS = ("synthetic", "file", "preset")
 
 
@@ -104,6 +105,9 @@ class RunConfig:
     dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA
     kv_dtype: str = "auto"  # auto: same as dtype
     block_size: int = 16  # tokens per KV block
+    # what each layer (and KV head range) keeps: "full", or e.g. "0-14:full; 15-29:full",
+    # which also splits the cache into groups (engine/kv_cache/layout.py)
+    policy: str = "full"
     num_blocks: int | None = None  # KV blocks; give this or kv_budget_bytes (neither: 1024)
     kv_budget_bytes: int | None = None  # a byte budget for the KV cache, turned into blocks
     enable_prefix_caching: bool = True
@@ -144,16 +148,22 @@ class RunConfig:
             raise ConfigError("max_model_len", f"must be in 1..{context} (the model's context)")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError("num_blocks", "must be at least 1")
-        needed = math.ceil(self.resolved_max_model_len / bs)
+        try:
+            groups = self.kv_groups()
+        except PolicyError as exc:
+            raise ConfigError("policy", str(exc).removeprefix("policy: ")) from exc
+        needed = len(groups) * math.ceil(self.resolved_max_model_len / bs)
         have = self.resolved_num_blocks
         if have < needed:
             source = ("num_blocks" if self.kv_budget_bytes is None else "kv_budget_bytes")
+            per_group = ("" if len(groups) == 1 else
+                         f" ({needed // len(groups)} in each of its {len(groups)} groups)")
             raise ConfigError(
                 source,
                 f"the KV cache has {have} blocks of {bs} tokens but one full-length request "
-                f"({self.resolved_max_model_len} tokens) needs {needed}; raise the budget to at "
-                f"least {needed * self.kv_bytes_per_block} bytes ({needed} blocks) or lower "
-                "max_model_len",
+                f"({self.resolved_max_model_len} tokens) needs {needed}{per_group}; raise the "
+                f"budget to at least {needed * self.kv_bytes_per_block} bytes ({needed} blocks) "
+                "or lower max_model_len",
             )
 
     # Derived values -------------------------------------------------------------------------
@@ -176,21 +186,33 @@ class RunConfig:
             return self.dtype
         return "bf16" if device_type == "cuda" else "fp32"
 
-    @property
-    def kv_bytes_per_block(self) -> int:
-        # Before the device is known, "auto" is sized as fp32 (the CPU default); the engine
-        # recomputes the block count with the real element size when it builds the cache.
-        kv = self.kv_dtype if self.kv_dtype != "auto" else (
-            self.dtype if self.dtype != "auto" else "fp32")
-        return self.block_size * self.model_config.kv_bytes_per_token(DTYPE_BYTES[kv])
+    def kv_groups(self, kv_dtype: str | None = None) -> tuple[KVCacheGroup, ...]:
+        """The cache's groups for this model, policy and block size. Before the device is known
+        an "auto" cache dtype is sized as fp32 (the CPU default); the engine passes the real
+        one when it builds the cache."""
+        kv = kv_dtype or (self.kv_dtype if self.kv_dtype != "auto" else (
+            self.dtype if self.dtype != "auto" else "fp32"))
+        model = self.model_config
+        regions = parse_policy(self.policy, model.num_layers, model.num_kv_heads)
+        return make_groups(regions, lambda heads: model.kv_cache_spec(self.block_size, kv, heads))
 
     @property
-    def resolved_num_blocks(self) -> int:
+    def kv_bytes_per_block(self) -> int:
+        """What one pool block costs (see `kv_groups`)."""
+        return self.kv_groups()[0].page_size_bytes
+
+    def num_blocks_for(self, page_size_bytes: int) -> int:
+        """Pool blocks: as given, or what the byte budget buys at this page size."""
         if self.num_blocks is not None:
             return self.num_blocks
         if self.kv_budget_bytes is not None:
-            return self.kv_budget_bytes // self.kv_bytes_per_block
-        return max(1024, math.ceil(self.resolved_max_model_len / self.block_size))
+            return self.kv_budget_bytes // page_size_bytes
+        return max(1024, len(self.kv_groups()) * math.ceil(self.resolved_max_model_len
+                                                            / self.block_size))
+
+    @property
+    def resolved_num_blocks(self) -> int:
+        return self.num_blocks_for(self.kv_bytes_per_block)
 
     # JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -9,12 +9,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
-
-from engine.block_manager import BlockManager
 from engine.config import RunConfig
-from engine.device import torch_dtype
-from engine.kv_cache import PagedKVCache
+from engine.kv_cache.manager import KVCacheManager
+from engine.kv_cache.storage import PagedKVCache
 from engine.model_runner import ModelRunner
 from engine.models.loader import LoadedModel
 from engine.sampling import Sampler
@@ -33,7 +30,7 @@ class StepOutput:
 
 
 class LLMEngine:
-    """One model, one paged KV cache, one block manager, one scheduler.
+    """One model, one paged KV cache (its groups, one block pool), one scheduler.
 
     Not thread-safe: one thread drives `step()`. Several engines may live in one process
     (the dashboard runs experiments while another run replays), so nothing here is global.
@@ -44,16 +41,15 @@ class LLMEngine:
         self.loaded = loaded
         self.device = loaded.device
         self.kv_dtype_name = config.resolved_kv_dtype(self.device.type)
-        kv_dtype = torch_dtype(self.kv_dtype_name)
-        self.num_blocks = self._num_blocks(kv_dtype)
-        self.kv_cache = PagedKVCache(
-            loaded.config, self.num_blocks, config.block_size, kv_dtype, self.device
-        )
-        self.block_manager = BlockManager(
-            self.num_blocks, config.block_size, config.enable_prefix_caching
-        )
+        # The model's spec, grouped by the config's policy; a byte budget buys blocks at the
+        # page size of the cache's real dtype.
+        self.kv_groups = config.kv_groups(self.kv_dtype_name)
+        self.num_blocks = config.num_blocks_for(self.kv_groups[0].page_size_bytes)
+        self.kv_cache = PagedKVCache(self.kv_groups, self.num_blocks, self.device)
+        self.kv_cache_manager = KVCacheManager(self.kv_groups, self.num_blocks,
+                                               config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            self.block_manager,
+            self.kv_cache_manager,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
@@ -65,13 +61,6 @@ class LLMEngine:
         self.eos_token_id = loaded.tokenizer.eos_token_id if loaded.tokenizer else None
         self.step_count = 0
         self.pending_request_events: list[RequestEvent] = []
-
-    def _num_blocks(self, kv_dtype: torch.dtype) -> int:
-        """A byte budget is turned into blocks with the cache's real element size."""
-        if self.config.kv_budget_bytes is None:
-            return self.config.resolved_num_blocks
-        per_token = self.loaded.config.kv_bytes_per_token(kv_dtype.itemsize)
-        return self.config.kv_budget_bytes // (per_token * self.config.block_size)
 
     @property
     def has_work(self) -> bool:
@@ -103,8 +92,7 @@ class LLMEngine:
     def step(self, clock_start: float) -> StepOutput:
         started = time.monotonic()
         self.step_count += 1
-        self.block_manager.step = self.step_count
-        sched = self.scheduler.schedule()
+        sched = self.scheduler.schedule(self.step_count)
         request_events = self.pending_request_events
         self.pending_request_events = []
         now = started - clock_start
@@ -122,7 +110,7 @@ class LLMEngine:
             tokens = self.sampler(logits, self.config.sampling)
         now = time.monotonic() - clock_start
         finished = self._update_sequences(sched, tokens, now, request_events)
-        block_events = self.block_manager.drain_events()
+        block_events = self.kv_cache_manager.drain_events()
         record = self._step_record(sched, block_events, num_decode, len(tokens), started,
                                    clock_start)
         return StepOutput(record, block_events, request_events, finished)
@@ -134,11 +122,7 @@ class LLMEngine:
         finished = []
         sampled = iter(tokens)
         for seq, num_new in sched.batch:
-            seq.num_computed_tokens += num_new
-            if self.config.enable_prefix_caching:
-                self.block_manager.cache_blocks(
-                    seq.request_id, seq.token_ids, seq.num_computed_tokens
-                )
+            self.scheduler.update_computed(seq, num_new)
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prefill chunk that has not reached the end of the prompt yet
             seq.token_ids.append(next(sampled))
@@ -167,7 +151,7 @@ class LLMEngine:
         self, sched: SchedulerOutput, events: list[BlockEvent], decode: int,
         num_generated: int, started: float, clock_start: float,
     ) -> StepRecord:
-        bm = self.block_manager
+        kv = self.kv_cache_manager
         num_tokens = sum(n for _, n in sched.batch)
         memory = self.memory.read()
         ended = time.monotonic()
@@ -181,13 +165,13 @@ class LLMEngine:
             num_decode_tokens=decode,
             num_generated_tokens=num_generated,
             num_preempted=len(sched.preempted),
-            blocks_used=bm.num_used_blocks,
-            blocks_free=bm.num_free_blocks,
-            blocks_cached_free=bm.num_cached_free_blocks,
+            blocks_used=kv.num_used_blocks,
+            blocks_free=kv.num_free_blocks,
+            blocks_cached_free=kv.num_cached_free_blocks,
             prefix_query_tokens=sched.prefix_query_tokens,
             prefix_hit_tokens=sched.prefix_hit_tokens,
             num_evicted=sum(1 for e in events if e.kind == "evict"),
-            kv_bytes_used=bm.num_used_blocks * self.kv_cache.bytes_per_block,
+            kv_bytes_used=kv.num_used_blocks * self.kv_cache.page_size_bytes,
             kv_bytes_capacity=self.kv_cache.capacity_bytes,
             torch_allocated_bytes=memory.torch_allocated_bytes,
             torch_reserved_bytes=memory.torch_reserved_bytes,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from engine.config import RunConfig
 from engine.device import resolve_device, torch_dtype
+from engine.kv_cache.spec import kv_bytes_per_token
 from engine.llm_engine import LLMEngine
 from engine.models.loader import LoadedModel, load_model
 from engine.run_result import RunResult, RunSummary
@@ -48,7 +49,7 @@ def run(
     arrivals = deque(sorted(zip((r.arrival for r in requests), sequences, strict=True),
                             key=lambda pair: pair[0]))
     records: list[RequestRecord] = []
-    sink.record_keyframe(engine.block_manager.snapshot(0))
+    sink.record_keyframe(engine.kv_cache_manager.snapshot(0))
     totals = _StepTotals()
     stopped = False
     start = time.monotonic()
@@ -72,7 +73,7 @@ def run(
             records.append(record)
             sink.record_request(record)
         if out.record.step % config.keyframe_interval == 0:
-            sink.record_keyframe(engine.block_manager.snapshot(out.record.step))
+            sink.record_keyframe(engine.kv_cache_manager.snapshot(out.record.step))
         totals.add(out.record)
         if on_step is not None:
             on_step(out.record)
@@ -130,9 +131,16 @@ def _summarise(config: RunConfig, engine: LLMEngine, records: list[RequestRecord
         num_evictions=totals.evictions,
         peak_blocks_used=totals.peak_blocks_used,
         num_blocks=engine.num_blocks,
-        kv_bytes_per_token=engine.kv_cache.bytes_per_block // config.block_size,
+        kv_bytes_per_token=_whole(kv_bytes_per_token(engine.kv_groups)),
+        kv_page_size_bytes=engine.kv_cache.page_size_bytes,
+        kv_groups=[g.to_dict() for g in engine.kv_groups],
         device=str(engine.device),
         dtype=str(engine.loaded.dtype).removeprefix("torch."),
         kv_dtype=engine.kv_dtype_name,
         stopped=stopped,
     )
+
+
+def _whole(x: float) -> int | float:
+    """46080.0 -> 46080: byte counts read as integers unless a format really has fractions."""
+    return int(x) if float(x).is_integer() else x

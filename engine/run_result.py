@@ -23,11 +23,13 @@ class RunSummary:
     num_evictions: int
     peak_blocks_used: int
     num_blocks: int
-    kv_bytes_per_token: int
+    kv_bytes_per_token: float  # every layer and head, scales included (an int for float caches)
     device: str
     dtype: str
     kv_dtype: str
     stopped: bool = False  # ended early by should_stop()
+    kv_page_size_bytes: int = 0  # what one pool block costs
+    kv_groups: list[dict[str, Any]] = field(default_factory=list)  # KVCacheGroup.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class SequenceStatus(enum.Enum):
@@ -18,7 +18,8 @@ class Sequence:
 
     `num_computed_tokens` counts tokens whose K/V are in the cache (including prefix-cache hits);
     the model runner computes `token_ids[num_computed_tokens:num_computed_tokens + n]` next.
-    `block_table` is owned by the block manager; the sequence only holds a reference to it.
+    `block_tables` (one per KV cache group) are owned by the KV cache manager; the sequence only
+    holds references to them.
     """
 
     request_id: int
@@ -28,7 +29,7 @@ class Sequence:
     arrival_t: float = 0.0
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
+    block_tables: tuple[list[int], ...] = ()
     num_cached_prompt_tokens: int | None = None  # prefix hit at first schedule
     num_preemptions: int = 0
     first_token_t: float | None = None

@@ -21,7 +21,8 @@ from typing import Any
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from engine.models.gguf_loader import atomic_write, cache_dir, cache_key, field_value, gguf_path
+from engine.cache_files import atomic_write, cache_dir
+from engine.models.gguf_loader import cache_key, field_value, gguf_path
 
 _CONTROL_TOKEN = 3  # GGUF token_type of special tokens (<|im_start|>, <|endoftext|>, ...)
 

@@ -5,6 +5,12 @@ from 1; the keyframe with step 0 is the state before the first step. Block event
 step they happened in and are emitted in order; replaying them in order on top of the nearest
 earlier keyframe rebuilds the block state at any step (see `apply_block_event`).
 
+These dataclasses are the one definition of the trace: the store derives its table columns and
+the trace file its Parquet schemas from their fields (store/trace_columns.py). A field's
+annotation (int, float, str, optionally `| None`) is its column type; `metadata={"codes": ...}`
+stores a kind as a small integer code; a default is what older traces that lack the field get.
+So a new per-step field is one line here plus a store migration.
+
 The engine only calls a `TraceSink`; it never touches a database.
 """
 
@@ -14,8 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-BlockEventKind = Literal["allocate", "touch", "cache", "free", "evict"]
-BLOCK_EVENT_KINDS: tuple[str, ...] = ("allocate", "touch", "cache", "free", "evict")
+# "free" drops one reference; a block that reaches 0 joins the free queue's tail (evicted
+# last). "free_head" is a free to 0 of a block with no hash, which can never serve a prefix hit,
+# so it joins the head (reused first), as vLLM 0.33 does. Codes are indexes: only append.
+BlockEventKind = Literal["allocate", "touch", "cache", "free", "evict", "free_head"]
+BLOCK_EVENT_KINDS: tuple[str, ...] = ("allocate", "touch", "cache", "free", "evict", "free_head")
 
 RequestEventKind = Literal["arrive", "schedule", "first_token", "preempt", "finish"]
 REQUEST_EVENT_KINDS: tuple[str, ...] = ("arrive", "schedule", "first_token", "preempt", "finish")
@@ -52,14 +61,18 @@ class StepRecord:
 
 @dataclass(slots=True)
 class BlockEvent:
-    """One state change of one KV block; `ref_count` is the value after the event."""
+    """One state change of one KV block; `ref_count` is the value after the event.
+
+    `group_id` is the KV cache group the block serves (engine/kv_cache): a block id addresses one
+    group's layers at a time. Traces recorded before groups existed had one group, 0."""
 
     step: int
     block_id: int
-    kind: BlockEventKind
+    kind: BlockEventKind = field(metadata={"codes": BLOCK_EVENT_KINDS})
     request_id: int | None
     ref_count: int
     block_hash: str | None = None  # hex, set on "cache" (and on "touch"/"evict" of a hashed block)
+    group_id: int = 0
 
 
 @dataclass(slots=True)
@@ -69,7 +82,7 @@ class RequestEvent:
     step: int
     t: float
     request_id: int
-    kind: RequestEventKind
+    kind: RequestEventKind = field(metadata={"codes": REQUEST_EVENT_KINDS})
 
 
 @dataclass(slots=True)
@@ -96,6 +109,13 @@ class Keyframe:
     block_hashes: list[str | None]  # hex of the block's hash while it is hashed
     owners: list[int | None]  # request that last allocated or touched the block, while in use
     free_queue: list[int]  # free block ids in eviction order (head first)
+    # The group a block serves while in use or cached; None while free and unhashed. Left
+    # empty by traces from before groups: then every used or hashed block is in group 0.
+    groups: list[int | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.groups and self.ref_counts:
+            self.groups = _single_group(self.ref_counts, self.block_hashes)
 
 
 @dataclass(slots=True)
@@ -106,6 +126,11 @@ class BlockState:
     block_hashes: list[str | None]
     owners: list[int | None]
     free_queue: list[int] = field(default_factory=list)
+    groups: list[int | None] = field(default_factory=list)  # empty: derived as for Keyframe
+
+    def __post_init__(self) -> None:
+        if not self.groups and self.ref_counts:
+            self.groups = _single_group(self.ref_counts, self.block_hashes)
 
     @classmethod
     def from_keyframe(cls, keyframe: Keyframe) -> BlockState:
@@ -114,36 +139,55 @@ class BlockState:
             list(keyframe.block_hashes),
             list(keyframe.owners),
             list(keyframe.free_queue),
+            list(keyframe.groups),
         )
 
     def to_keyframe(self, step: int) -> Keyframe:
         return Keyframe(
             step, list(self.ref_counts), list(self.block_hashes), list(self.owners),
-            list(self.free_queue),
+            list(self.free_queue), list(self.groups),
         )
 
 
+def _single_group(ref_counts: list[int], block_hashes: list[str | None]) -> list[int | None]:
+    """Block groups of a state recorded before groups existed: all in group 0 but free blocks
+    without a hash, which no group holds."""
+    return [0 if ref > 0 or h is not None else None
+            for ref, h in zip(ref_counts, block_hashes, strict=True)]
+
+
 def apply_block_event(state: BlockState, event: BlockEvent) -> None:
-    """Replay one event: the free queue follows the block manager's rules.
+    """Replay one event: the free queue follows the block pool's rules (vLLM 0.33.0).
 
     allocate pops a free block (ref 0 -> 1); touch of a free cached block revives it (0 -> 1);
-    free to ref 0 appends the block at the tail; evict drops the hash of a block being reused.
+    free to ref 0 appends the block at the tail, free_head puts it at the head (the pool emits
+    the free_heads of one release in reverse, so that inserting them one by one at the head
+    rebuilds their order); evict drops the hash of a block being reused.
     """
     b = event.block_id
     was_free = state.ref_counts[b] == 0
     state.ref_counts[b] = event.ref_count
     if event.kind in ("allocate", "touch"):
         state.owners[b] = event.request_id
+        state.groups[b] = event.group_id
         if was_free and event.ref_count > 0:
             state.free_queue.remove(b)
-    elif event.kind == "free":
+    elif event.kind in ("free", "free_head"):
         if event.ref_count == 0:
             state.owners[b] = None
-            state.free_queue.append(b)
+            if state.block_hashes[b] is None:
+                state.groups[b] = None
+            if event.kind == "free":
+                state.free_queue.append(b)
+            else:
+                state.free_queue.insert(0, b)
     elif event.kind == "cache":
         state.block_hashes[b] = event.block_hash
+        state.groups[b] = event.group_id
     elif event.kind == "evict":
         state.block_hashes[b] = None
+        if state.ref_counts[b] == 0:
+            state.groups[b] = None
 
 
 class TraceSink(Protocol):

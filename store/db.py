@@ -37,8 +37,16 @@ BUSY_TIMEOUT_MS = 30_000
 
 # The schema version this code writes. To change the schema: bump it and add a step to
 # MIGRATIONS that takes a database from version N-1 to N (plain DDL on the connection).
-SCHEMA_VERSION = 1
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+SCHEMA_VERSION = 2
+
+
+def _migrate_add_block_groups(conn: Connection) -> None:
+    """2: KV cache groups. Block events name the group of their block (every older event was in
+    the one group, 0); keyframes gain a fifth array, which store.keyframes derives for old ones."""
+    conn.execute(text("ALTER TABLE block_events ADD COLUMN group_id BIGINT NOT NULL DEFAULT 0"))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _migrate_add_block_groups}
 
 
 def utcnow() -> datetime:

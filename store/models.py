@@ -5,6 +5,9 @@ the index Replay and Compare need: "the events of run R between steps a and b" i
 On SQLite they are `WITHOUT ROWID` tables (clustered on that key), which also saves the separate
 rowid b-tree.
 
+The trace tables' columns are not written out here: they come from the engine's trace
+dataclasses (store.trace_columns), so a new trace field needs only a migration.
+
 Event kinds are stored as small integers (index into `BLOCK_EVENT_KINDS` /
 `REQUEST_EVENT_KINDS`): events are by far the most numerous rows, and a 1-byte code instead of a
 word keeps the database small. The reader maps them back to names.
@@ -17,18 +20,21 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
-    BigInteger,
+    Column,
     DateTime,
     Float,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
-    SmallInteger,
     String,
+    Table,
     Text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from engine.trace import BlockEvent, RequestEvent, RequestRecord, StepRecord
+from store.trace_columns import sql_columns
 
 RUN_STATUSES = ("running", "finished", "failed", "interrupted")
 
@@ -99,85 +105,43 @@ SUMMARY_COLUMNS = (
 )
 
 
+def _trace_table(name: str, cls: type, key: tuple[str, ...], *extra: Column,
+                 indexes: tuple[Index, ...] = ()) -> Table:
+    """A child table of `runs` whose columns come from a trace dataclass (store.trace_columns).
+    `key` lists the dataclass fields and `extra` columns that follow run_id in the primary key,
+    in key order, so the key is the range-scan index Replay needs."""
+    columns = {c.name: c for c in (*sql_columns(cls, primary=key), *extra)}
+    ordered = [columns.pop(k) for k in key] + list(columns.values())
+    run_id = Column("run_id", ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    return Table(name, Base.metadata, run_id, *ordered, *indexes, **_CLUSTERED)
+
+
 class Step(Base):
     """One StepRecord (same field names)."""
 
-    __tablename__ = "steps"
-    __table_args__ = _CLUSTERED
-
-    run_id: Mapped[int] = _run_fk()
-    step: Mapped[int] = mapped_column(Integer, primary_key=True)
-    t: Mapped[float] = mapped_column(Float)
-    duration_s: Mapped[float] = mapped_column(Float)
-    num_running: Mapped[int] = mapped_column(Integer)
-    num_waiting: Mapped[int] = mapped_column(Integer)
-    num_prefill_tokens: Mapped[int] = mapped_column(Integer)
-    num_decode_tokens: Mapped[int] = mapped_column(Integer)
-    num_generated_tokens: Mapped[int] = mapped_column(Integer)
-    num_preempted: Mapped[int] = mapped_column(Integer)
-    blocks_used: Mapped[int] = mapped_column(Integer)
-    blocks_free: Mapped[int] = mapped_column(Integer)
-    blocks_cached_free: Mapped[int] = mapped_column(Integer)
-    prefix_query_tokens: Mapped[int] = mapped_column(Integer)
-    prefix_hit_tokens: Mapped[int] = mapped_column(Integer)
-    num_evicted: Mapped[int] = mapped_column(Integer)
-    kv_bytes_used: Mapped[int] = mapped_column(BigInteger)
-    kv_bytes_capacity: Mapped[int] = mapped_column(BigInteger)
-    torch_allocated_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    torch_reserved_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    nvml_used_bytes: Mapped[int | None] = mapped_column(BigInteger)
-    gpu_utilization_pct: Mapped[float | None] = mapped_column(Float)
-    gpu_power_w: Mapped[float | None] = mapped_column(Float)
-    rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    __table__ = _trace_table("steps", StepRecord, ("step",))
 
 
 class BlockEventRow(Base):
-    """One BlockEvent; `ordinal` is its emission position within the step."""
+    """One BlockEvent; `ordinal` is its emission position within the step; `kind` a code."""
 
-    __tablename__ = "block_events"
-    __table_args__ = _CLUSTERED
-
-    run_id: Mapped[int] = _run_fk()
-    step: Mapped[int] = mapped_column(Integer, primary_key=True)
-    ordinal: Mapped[int] = mapped_column(Integer, primary_key=True)
-    block_id: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[int] = mapped_column(SmallInteger)  # index into BLOCK_EVENT_KINDS
-    request_id: Mapped[int | None] = mapped_column(Integer)
-    ref_count: Mapped[int] = mapped_column(Integer)
-    block_hash: Mapped[str | None] = mapped_column(String(128))
+    __table__ = _trace_table("block_events", BlockEvent, ("step", "ordinal"),
+                             Column("ordinal", Integer, primary_key=True))
 
 
 class RequestEventRow(Base):
-    """One RequestEvent; `ordinal` is its emission position within the step."""
+    """One RequestEvent; `ordinal` is its emission position within the step; `kind` a code."""
 
-    __tablename__ = "request_events"
-    __table_args__ = _CLUSTERED
-
-    run_id: Mapped[int] = _run_fk()
-    step: Mapped[int] = mapped_column(Integer, primary_key=True)
-    ordinal: Mapped[int] = mapped_column(Integer, primary_key=True)
-    t: Mapped[float] = mapped_column(Float)
-    request_id: Mapped[int] = mapped_column(Integer)
-    kind: Mapped[int] = mapped_column(SmallInteger)  # index into REQUEST_EVENT_KINDS
+    __table__ = _trace_table("request_events", RequestEvent, ("step", "ordinal"),
+                             Column("ordinal", Integer, primary_key=True))
 
 
 class RequestRow(Base):
     """One RequestRecord; `ordinal` keeps the order the engine reported them in."""
 
-    __tablename__ = "requests"
-    __table_args__ = (Index("ix_requests_run_request", "run_id", "request_id"), _CLUSTERED)
-
-    run_id: Mapped[int] = _run_fk()
-    ordinal: Mapped[int] = mapped_column(Integer, primary_key=True)
-    request_id: Mapped[int] = mapped_column(Integer)
-    arrival_t: Mapped[float] = mapped_column(Float)
-    prompt_tokens: Mapped[int] = mapped_column(Integer)
-    cached_prompt_tokens: Mapped[int] = mapped_column(Integer)
-    output_tokens: Mapped[int] = mapped_column(Integer)
-    first_token_t: Mapped[float | None] = mapped_column(Float)
-    finish_t: Mapped[float | None] = mapped_column(Float)
-    num_preemptions: Mapped[int] = mapped_column(Integer)
-    finish_reason: Mapped[str] = mapped_column(Text)
+    __table__ = _trace_table("requests", RequestRecord, ("ordinal",),
+                             Column("ordinal", Integer, primary_key=True),
+                             indexes=(Index("ix_requests_run_request", "run_id", "request_id"),))
 
 
 class KeyframeRow(Base):

@@ -7,6 +7,7 @@ leaves the database as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime
 from pathlib import Path
@@ -49,10 +50,8 @@ def export_run(store: Store, run_id: int, path: str | Path) -> Path:
                   "requests": reader.requests(run_id)}
     tables = {name: pa.Table.from_pandas(df, schema=SCHEMAS[name], preserve_index=False)
               for name, df in frames.items()}
-    tables["keyframes"] = pa.Table.from_pylist(
-        [{"step": k.step, "ref_counts": k.ref_counts, "block_hashes": k.block_hashes,
-          "owners": k.owners, "free_queue": k.free_queue} for k in keyframes],
-        schema=SCHEMAS["keyframes"])
+    tables["keyframes"] = pa.Table.from_pylist([dataclasses.asdict(k) for k in keyframes],
+                                               schema=SCHEMAS["keyframes"])
     run = {"name": info.name, "tags": info.tags, "status": info.status,
            "config": json.loads(info.config.to_json()), "summary": info.summary,
            "error": info.error, "device": info.device, "model": info.model,
@@ -149,7 +148,7 @@ def _child_rows(run_id: int, tables: dict[str, pa.Table]) -> list[tuple[type, li
     keyframes = []
     for r in tables["keyframes"].to_pylist():
         keyframe = Keyframe(r["step"], r["ref_counts"], r["block_hashes"], r["owners"],
-                            r["free_queue"] or [])
+                            r["free_queue"] or [], r["groups"] or [])
         keyframes.append({"run_id": run_id, "step": keyframe.step,
                           "num_blocks": len(keyframe.ref_counts),
                           "data": encode_keyframe(keyframe)})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -17,11 +17,10 @@ from sqlalchemy import Connection, Row, func, select
 
 from engine.config import ConfigError, RunConfig
 from engine.trace import (
-    BLOCK_EVENT_KINDS,
-    REQUEST_EVENT_KINDS,
     BlockEvent,
     BlockState,
     Keyframe,
+    RequestEvent,
     RequestRecord,
     StepRecord,
     apply_block_event,
@@ -30,20 +29,16 @@ from store.db import Store
 from store.errors import StoreError
 from store.keyframes import decode_keyframe
 from store.models import RUNS, BlockEventRow, KeyframeRow, RequestEventRow, RequestRow, Run, Step
+from store.trace_columns import TraceColumn, decode_codes, pandas_dtypes, trace_columns
 
-
-def _dtypes(cls: type) -> dict[str, str]:
-    """pandas dtypes from a trace dataclass's annotations (they are strings: postponed)."""
-    mapping = {"int": "int64", "int | None": "Int64", "float": "float64",
-               "float | None": "float64", "str": "object", "str | None": "object"}
-    return {f.name: mapping.get(str(f.type), "object") for f in fields(cls)}
-
-
-STEP_DTYPES = _dtypes(StepRecord)
-REQUEST_DTYPES = _dtypes(RequestRecord)
-BLOCK_EVENT_DTYPES = {"step": "int64", "block_id": "int64", "kind": "object",
-                      "request_id": "Int64", "ref_count": "int64", "block_hash": "object"}
-REQUEST_EVENT_DTYPES = {"step": "int64", "t": "float64", "request_id": "int64", "kind": "object"}
+STEP_COLUMNS = trace_columns(StepRecord)
+BLOCK_EVENT_COLUMNS = trace_columns(BlockEvent)
+REQUEST_EVENT_COLUMNS = trace_columns(RequestEvent)
+REQUEST_COLUMNS = trace_columns(RequestRecord)
+STEP_DTYPES = pandas_dtypes(StepRecord)
+BLOCK_EVENT_DTYPES = pandas_dtypes(BlockEvent)
+REQUEST_EVENT_DTYPES = pandas_dtypes(RequestEvent)
+REQUEST_DTYPES = pandas_dtypes(RequestRecord)
 RUN_COLUMNS = ("run_id", "name", "status", "model", "device", "created_at", "finished_at",
                "num_steps", "tags", "error")
 
@@ -129,34 +124,31 @@ class RunReader:
                        list(run.tags or []), run.num_steps)
 
     def steps(self, run_id: int) -> pd.DataFrame:
-        columns = [getattr(Step, name) for name in STEP_DTYPES]
-        query = select(*columns).where(Step.run_id == run_id).order_by(Step.step)
-        return frame(self._rows(run_id, query), STEP_DTYPES)
+        query = _select(Step, STEP_COLUMNS).where(Step.run_id == run_id).order_by(Step.step)
+        return self._frame(run_id, query, STEP_COLUMNS, STEP_DTYPES)
 
     def block_events(self, run_id: int, step_from: int | None = None,
                      step_to: int | None = None) -> pd.DataFrame:
         """Events with step_from <= step <= step_to (either bound optional), in emission order."""
         e = BlockEventRow
-        query = (select(e.step, e.block_id, e.kind, e.request_id, e.ref_count, e.block_hash)
-                 .where(e.run_id == run_id).order_by(e.step, e.ordinal))
+        query = (_select(e, BLOCK_EVENT_COLUMNS).where(e.run_id == run_id)
+                 .order_by(e.step, e.ordinal))
         if step_from is not None:
             query = query.where(e.step >= step_from)
         if step_to is not None:
             query = query.where(e.step <= step_to)
-        rows = [(r[0], r[1], BLOCK_EVENT_KINDS[r[2]], *r[3:]) for r in self._rows(run_id, query)]
-        return frame(rows, BLOCK_EVENT_DTYPES)
+        return self._frame(run_id, query, BLOCK_EVENT_COLUMNS, BLOCK_EVENT_DTYPES)
 
     def request_events(self, run_id: int) -> pd.DataFrame:
         e = RequestEventRow
-        query = (select(e.step, e.t, e.request_id, e.kind).where(e.run_id == run_id)
+        query = (_select(e, REQUEST_EVENT_COLUMNS).where(e.run_id == run_id)
                  .order_by(e.step, e.ordinal))
-        rows = [(*r[:3], REQUEST_EVENT_KINDS[r[3]]) for r in self._rows(run_id, query)]
-        return frame(rows, REQUEST_EVENT_DTYPES)
+        return self._frame(run_id, query, REQUEST_EVENT_COLUMNS, REQUEST_EVENT_DTYPES)
 
     def requests(self, run_id: int) -> pd.DataFrame:
-        columns = [getattr(RequestRow, name) for name in REQUEST_DTYPES]
-        query = select(*columns).where(RequestRow.run_id == run_id).order_by(RequestRow.ordinal)
-        return frame(self._rows(run_id, query), REQUEST_DTYPES)
+        query = (_select(RequestRow, REQUEST_COLUMNS).where(RequestRow.run_id == run_id)
+                 .order_by(RequestRow.ordinal))
+        return self._frame(run_id, query, REQUEST_COLUMNS, REQUEST_DTYPES)
 
     def keyframes(self, run_id: int) -> list[Keyframe]:
         query = (select(KeyframeRow.step, KeyframeRow.data).where(KeyframeRow.run_id == run_id)
@@ -191,14 +183,13 @@ class RunReader:
                 self._run(conn, run_id)
                 return BlockState([], [], [], [])
             events = conn.execute(
-                select(e.step, e.block_id, e.kind, e.request_id, e.ref_count, e.block_hash)
+                _select(e, BLOCK_EVENT_COLUMNS)
                 .where(e.run_id == run_id, e.step > keyframe.step, e.step <= step)
                 .order_by(e.step, e.ordinal)
             ).all()
         state = BlockState.from_keyframe(decode_keyframe(keyframe.step, keyframe.data))
-        for s, block_id, kind, request_id, ref_count, block_hash in events:
-            apply_block_event(state, BlockEvent(s, block_id, BLOCK_EVENT_KINDS[kind],
-                                                request_id, ref_count, block_hash))
+        for values in decode_codes(events, BLOCK_EVENT_COLUMNS):
+            apply_block_event(state, BlockEvent(*values))
         return state
 
     # Helpers ---------------------------------------------------------------------------------
@@ -207,9 +198,18 @@ class RunReader:
             self._run(conn, run_id)
             return [tuple(r) for r in conn.execute(query)]
 
+    def _frame(self, run_id: int, query: Any, columns: tuple[TraceColumn, ...],
+               dtypes: dict[str, str]) -> pd.DataFrame:
+        return frame(decode_codes(self._rows(run_id, query), columns), dtypes)
+
     def _run(self, conn: Connection, run_id: int) -> Row:
         run = conn.execute(select(RUNS).where(Run.id == run_id)).one_or_none()
         if run is None:
             raise StoreError(f"no run {run_id} in {self.store.display_url}; list the runs with "
                              "`python cli.py runs`")
         return run
+
+
+def _select(model: type, columns: tuple[TraceColumn, ...]) -> Any:
+    """SELECT of a trace table's dataclass columns, in field order."""
+    return select(*(model.__table__.c[c.name] for c in columns))

@@ -1,15 +1,16 @@
 """The portable trace file: one run in one file, so a GPU box can record and a laptop replay.
 
-Format (`FORMAT_VERSION` 1): a zip archive (suggested name `run-<id>.kvtrace.zip`) holding
+Format (`FORMAT_VERSION` 2): a zip archive (suggested name `run-<id>.kvtrace.zip`) holding
 
-- `manifest.json`: `{"format": "kvlab-trace", "format_version": 1, "exported_at": ISO time,
+- `manifest.json`: `{"format": "kvlab-trace", "format_version": 2, "exported_at": ISO time,
   "run": {name, tags, status, config (the RunConfig as a JSON object), summary, error, device,
   model, created_at, finished_at, num_steps}, "tables": {TABLE: {"file": "TABLE.parquet",
   "rows": N}}}`
 - one Parquet file (zstd) per table, columns as in `SCHEMAS` below: `steps` (StepRecord fields),
   `block_events` (BlockEvent fields, kind as its name), `request_events` (RequestEvent fields),
-  `requests` (RequestRecord fields), `keyframes` (step plus the four Keyframe lists). Event
-  order within a step is row order.
+  `requests` (RequestRecord fields), `keyframes` (Keyframe fields: step and the per-block
+  lists). Event order within a step is row order. A column that a newer kvlab added is filled
+  with its field's default when an older file lacks it.
 
 Reading validates everything before anything is written to a database: the format name and
 version, the manifest's run fields and config, each table's presence, required columns and
@@ -32,39 +33,32 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.config import ConfigError, RunConfig
-from engine.trace import BLOCK_EVENT_KINDS, REQUEST_EVENT_KINDS
+from engine.trace import (
+    BLOCK_EVENT_KINDS,
+    REQUEST_EVENT_KINDS,
+    BlockEvent,
+    Keyframe,
+    RequestEvent,
+    RequestRecord,
+    StepRecord,
+)
 from store.errors import StoreError
+from store.trace_columns import arrow_schema, trace_columns
 
 FORMAT = "kvlab-trace"
-FORMAT_VERSION = 1
+# 2: block events carry `group_id` and keyframes `groups` (KV cache groups); a version 1 file
+# lacks both and imports with the defaults (everything in group 0).
+FORMAT_VERSION = 2
 MAX_UNCOMPRESSED_BYTES = 8 * 1024**3
 RUN_FIELDS = ("name", "tags", "status", "config", "summary", "error", "device", "model",
               "created_at", "finished_at", "num_steps")
 
-_i64, _f64, _str = pa.int64(), pa.float64(), pa.string()
-SCHEMAS: dict[str, pa.Schema] = {
-    "steps": pa.schema(
-        [("step", _i64), ("t", _f64), ("duration_s", _f64)]
-        + [(n, _i64) for n in ("num_running", "num_waiting", "num_prefill_tokens",
-                               "num_decode_tokens", "num_generated_tokens", "num_preempted",
-                               "blocks_used", "blocks_free", "blocks_cached_free",
-                               "prefix_query_tokens", "prefix_hit_tokens", "num_evicted",
-                               "kv_bytes_used", "kv_bytes_capacity", "torch_allocated_bytes",
-                               "torch_reserved_bytes", "nvml_used_bytes")]
-        + [("gpu_utilization_pct", _f64), ("gpu_power_w", _f64), ("rss_bytes", _i64)]),
-    "block_events": pa.schema([("step", _i64), ("block_id", _i64), ("kind", _str),
-                               ("request_id", _i64), ("ref_count", _i64),
-                               ("block_hash", _str)]),
-    "request_events": pa.schema([("step", _i64), ("t", _f64), ("request_id", _i64),
-                                 ("kind", _str)]),
-    "requests": pa.schema([("request_id", _i64), ("arrival_t", _f64), ("prompt_tokens", _i64),
-                           ("cached_prompt_tokens", _i64), ("output_tokens", _i64),
-                           ("first_token_t", _f64), ("finish_t", _f64),
-                           ("num_preemptions", _i64), ("finish_reason", _str)]),
-    "keyframes": pa.schema([("step", _i64), ("ref_counts", pa.list_(_i64)),
-                            ("block_hashes", pa.list_(_str)), ("owners", pa.list_(_i64)),
-                            ("free_queue", pa.list_(_i64))]),
-}
+# The Parquet schema of each table, from the trace dataclasses (store.trace_columns). Events
+# keep their kind as its name; the database's ordinals are row order here.
+TABLE_TYPES: dict[str, type] = {"steps": StepRecord, "block_events": BlockEvent,
+                                "request_events": RequestEvent, "requests": RequestRecord,
+                                "keyframes": Keyframe}
+SCHEMAS: dict[str, pa.Schema] = {name: arrow_schema(cls) for name, cls in TABLE_TYPES.items()}
 
 
 @dataclass
@@ -159,6 +153,7 @@ def _read_table(zf: zipfile.ZipFile, where: str, name: str,
     except (pa.ArrowException, OSError) as exc:
         raise StoreError(f"{where}: {name}.parquet is unreadable ({exc})") from exc
     schema = SCHEMAS[name]
+    table = _add_defaults(table, name)
     missing = [col for col in schema.names if col not in table.column_names]
     if missing:
         raise StoreError(f"{where}: {name}.parquet lacks required columns {missing}")
@@ -169,6 +164,16 @@ def _read_table(zf: zipfile.ZipFile, where: str, name: str,
     if table.num_rows != entry["rows"]:
         raise StoreError(f"{where}: {name}.parquet has {table.num_rows} rows but the manifest "
                          f"says {entry['rows']}; the file is truncated or edited")
+    return table
+
+
+def _add_defaults(table: pa.Table, name: str) -> pa.Table:
+    """Columns of fields added after a file was written, filled with the fields' defaults."""
+    for column in trace_columns(TABLE_TYPES[name]):
+        if column.name not in table.column_names and column.has_default:
+            values = pa.array([column.default] * table.num_rows,
+                              type=SCHEMAS[name].field(column.name).type)
+            table = table.append_column(column.name, values)
     return table
 
 
@@ -184,6 +189,8 @@ def _check_contents(where: str, tables: dict[str, pa.Table]) -> None:
             raise StoreError(f"{where}: {name} has missing or repeated {key} values")
     for kf in tables["keyframes"].to_pylist():
         n = len(kf["ref_counts"] or [])
-        if len(kf["block_hashes"] or []) != n or len(kf["owners"] or []) != n:
+        groups = kf["groups"] or []  # empty in version 1 files: derived on import
+        if (len(kf["block_hashes"] or []) != n or len(kf["owners"] or []) != n
+                or len(groups) not in (0, n)):
             raise StoreError(f"{where}: keyframe at step {kf['step']} has arrays of different "
                              "lengths")

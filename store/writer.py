@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import insert, update
@@ -30,8 +30,6 @@ from sqlalchemy import insert, update
 from engine.config import RunConfig
 from engine.run_result import RunSummary
 from engine.trace import (
-    BLOCK_EVENT_KINDS,
-    REQUEST_EVENT_KINDS,
     BlockEvent,
     Keyframe,
     RequestEvent,
@@ -51,11 +49,12 @@ from store.models import (
     Run,
     Step,
 )
+from store.trace_columns import to_sql_row, trace_columns
 
-STEP_FIELDS = tuple(f.name for f in fields(StepRecord))
-REQUEST_FIELDS = tuple(f.name for f in fields(RequestRecord))
-_BLOCK_KIND_CODE = {kind: code for code, kind in enumerate(BLOCK_EVENT_KINDS)}
-_REQUEST_KIND_CODE = {kind: code for code, kind in enumerate(REQUEST_EVENT_KINDS)}
+STEP_COLUMNS = trace_columns(StepRecord)
+BLOCK_EVENT_COLUMNS = trace_columns(BlockEvent)
+REQUEST_EVENT_COLUMNS = trace_columns(RequestEvent)
+REQUEST_COLUMNS = trace_columns(RequestRecord)
 
 
 class _Ordinals:
@@ -280,23 +279,17 @@ class RunWriter:
     def _write(self, batch: _Batch) -> None:
         step_rows, block_rows, request_event_rows = [], [], []
         for record, block_events, request_events in batch.steps:
-            step_rows.append({"run_id": self.run_id,
-                              **{name: getattr(record, name) for name in STEP_FIELDS}})
+            step_rows.append({"run_id": self.run_id, **to_sql_row(record, STEP_COLUMNS)})
             block_rows.extend(
-                {"run_id": self.run_id, "step": e.step,
-                 "ordinal": self._block_ordinals.next(e.step), "block_id": e.block_id,
-                 "kind": _BLOCK_KIND_CODE[e.kind],
-                 "request_id": e.request_id, "ref_count": e.ref_count, "block_hash": e.block_hash}
-                for e in block_events)
+                {"run_id": self.run_id, "ordinal": self._block_ordinals.next(e.step),
+                 **to_sql_row(e, BLOCK_EVENT_COLUMNS)} for e in block_events)
             request_event_rows.extend(
-                {"run_id": self.run_id, "step": e.step,
-                 "ordinal": self._request_ordinals.next(e.step), "t": e.t,
-                 "request_id": e.request_id, "kind": _REQUEST_KIND_CODE[e.kind]}
-                for e in request_events)
+                {"run_id": self.run_id, "ordinal": self._request_ordinals.next(e.step),
+                 **to_sql_row(e, REQUEST_EVENT_COLUMNS)} for e in request_events)
         request_rows = []
         for request in batch.requests:
             request_rows.append({"run_id": self.run_id, "ordinal": self._num_requests,
-                                 **{name: getattr(request, name) for name in REQUEST_FIELDS}})
+                                 **to_sql_row(request, REQUEST_COLUMNS)})
             self._num_requests += 1
         keyframe_rows = [_keyframe_row(self.run_id, k) for k in batch.keyframes]
         with self._store.write() as conn:

@@ -19,13 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engine.models.gguf_loader import (  # noqa: E402
-    GGUF_FILE,
-    atomic_write,
-    cache_dir,
-    cache_key,
-    gguf_path,
-)
+from engine.cache_files import atomic_write, cache_dir  # noqa: E402
+from engine.models.gguf_loader import GGUF_FILE, cache_key, gguf_path  # noqa: E402
 from engine.models.loader import LoadedModel, load_model  # noqa: E402
 from engine.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 

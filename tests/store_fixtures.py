@@ -135,6 +135,10 @@ class FakeBlockManager:
         if self.ref[block] == 0:
             self.owners[block] = None
             self.free[block] = None
+            if self.hashes[block] is None:  # never matches a prefix: reused first (vLLM 0.33)
+                self.free.move_to_end(block, last=False)
+                self._emit(block, "free_head", request)
+                return
         self._emit(block, "free", request)
 
     def snapshot(self, step: int) -> Keyframe:
@@ -224,6 +228,27 @@ def assert_consistent(reader, run_id: int) -> int:
         assert record.blocks_used == sum(ref > 0 for ref in state.ref_counts)
         assert record.blocks_free == len(state.free_queue)
     return last
+
+
+def assert_events_rebuild_keyframes(reader, run_id: int) -> list[int]:
+    """Replayed from the first keyframe alone, the run's events rebuild every later stored
+    keyframe (and `block_state_at` agrees); returns the keyframe steps. For traces recorded by
+    older kvlab versions, whose rules the current replay must still follow."""
+    from engine.trace import BlockEvent, BlockState, apply_block_event
+
+    keyframes = reader.keyframes(run_id)
+    events = reader.block_events(run_id)
+    assert set(events.group_id) == {0} and "free_head" not in set(events.kind)
+    state = BlockState.from_keyframe(keyframes[0])
+    previous = keyframes[0].step
+    for keyframe in keyframes[1:]:
+        for row in events[(events.step > previous) & (events.step <= keyframe.step)].itertuples():
+            apply_block_event(state, BlockEvent(row.step, row.block_id, row.kind, row.request_id,
+                                                row.ref_count, row.block_hash, row.group_id))
+        assert state.to_keyframe(keyframe.step) == keyframe
+        assert reader.block_state_at(run_id, keyframe.step) == state
+        previous = keyframe.step
+    return [k.step for k in keyframes]
 
 
 def main() -> int:

@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import cpu_kernel, paged
+from engine.attention.backends import CpuKernelAttention
 from engine.attention.metadata import AttentionMetadata
+from engine.kv_cache.spec import full_attention_spec
+from engine.kv_cache.storage import LayerCache
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(),
                                   reason="CPU decode kernel could not be built (no gcc?)")
@@ -59,10 +62,22 @@ def dense_reference(c: dict) -> torch.Tensor:
 
 
 def torch_path(c: dict) -> torch.Tensor:
-    length = c["tables"].shape[1] * c["k_cache"].shape[2]
-    bias = paged.decode_attn_bias(c["lens"], length, torch.float32)
+    bias = paged.decode_attn_bias(c["lens"], c["tables"], c["k_cache"].shape[2], -1,
+                                  torch.float32)
     return paged.decode_attention(c["q"], c["k_cache"], c["v_cache"], c["tables"], bias,
                                   c["scale"])
+
+
+def layer_cache(c: dict) -> LayerCache:
+    """The case's caches as one layer's share (no null block: -1 is never a table entry)."""
+    hk, _, bs, d = c["k_cache"].shape
+    return LayerCache(0, 0, range(hk), full_attention_spec(hk, d, bs, "fp32"),
+                      {"k": c["k_cache"], "v": c["v_cache"]}, null_block=-1)
+
+
+def kernel_backend_forward(c: dict, meta: AttentionMetadata) -> torch.Tensor:
+    empty = torch.zeros(0, c["k_cache"].shape[0], c["k_cache"].shape[3])
+    return CpuKernelAttention(c["scale"]).forward(c["q"], empty, empty, layer_cache(c), meta)
 
 
 def kernel(c: dict) -> torch.Tensor | None:
@@ -114,9 +129,7 @@ def test_engine_decode_dispatches_to_kernel(monkeypatch):
     calls = []
     real = cpu_kernel.paged_decode
     monkeypatch.setattr(cpu_kernel, "paged_decode", lambda *a: calls.append(1) or real(*a))
-    empty = torch.zeros(0, 2, 16)
-    out = paged.paged_attention(c["q"], empty, empty, c["k_cache"], c["v_cache"], meta,
-                                c["scale"])
+    out = kernel_backend_forward(c, meta)
     assert calls and meta.decode_attn_bias is None  # the PyTorch path never ran
     torch.testing.assert_close(out, dense_reference(c), atol=1e-5, rtol=1e-5)
 
@@ -135,9 +148,7 @@ def test_disabled_by_env_falls_back(monkeypatch, fresh_kernel):
     assert kernel(c) is None
     meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.int64),
                              decode_context_lens=c["lens"], decode_block_tables=c["tables"])
-    empty = torch.zeros(0, 2, 16)
-    out = paged.paged_attention(c["q"], empty, empty, c["k_cache"], c["v_cache"], meta,
-                                c["scale"])
+    out = kernel_backend_forward(c, meta)
     assert meta.decode_attn_bias is not None  # the PyTorch path ran
     torch.testing.assert_close(out, dense_reference(c), atol=1e-5, rtol=1e-5)
 

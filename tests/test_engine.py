@@ -1,4 +1,4 @@
-"""The whole engine (scheduler + block manager + paged model) through `engine.run.run`."""
+"""The whole engine (scheduler + KV cache manager + paged model) through `engine.run.run`."""
 
 from __future__ import annotations
 
@@ -93,22 +93,63 @@ def test_output_is_capped_at_max_model_len(tiny_model):
     assert len(result.output_token_ids[0]) == 64 - 40
 
 
+def assert_events_rebuild_keyframes(sink: ListSink) -> None:
+    """The trace contract Replay relies on: keyframe + events == the pool's real state."""
+    state = BlockState.from_keyframe(sink.keyframes[0])
+    events_by_step: dict[int, list] = {}
+    for event in sink.block_events:
+        events_by_step.setdefault(event.step, []).append(event)
+    previous = sink.keyframes[0].step
+    for keyframe in sink.keyframes[1:]:
+        for step in range(previous + 1, keyframe.step + 1):
+            for event in events_by_step.get(step, []):
+                apply_block_event(state, event)
+        assert state.to_keyframe(keyframe.step) == keyframe, f"step {keyframe.step}"
+        previous = keyframe.step
+
+
 def test_replaying_block_events_rebuilds_every_keyframe(tiny_model):
-    """The trace contract Replay relies on: keyframe + events == the manager's real state."""
     requests = [WorkloadRequest(i, prompt_token_ids=[7] * 40 + [i] * (5 + 3 * i),
                                 max_tokens=20 + i, arrival=0.0)
                 for i in range(10)]
     _, sink = run_requests(tiny_model, requests, num_blocks=14, block_size=8,
                            max_model_len=96, keyframe_interval=1, max_num_seqs=4)
     assert sum(s.num_preempted for s in sink.steps) > 0  # the hard paths are exercised
-    state = BlockState.from_keyframe(sink.keyframes[0])
-    events_by_step: dict[int, list] = {}
-    for event in sink.block_events:
-        events_by_step.setdefault(event.step, []).append(event)
-    for keyframe in sink.keyframes[1:]:
-        for event in events_by_step.get(keyframe.step, []):
-            apply_block_event(state, event)
-        assert state.to_keyframe(keyframe.step) == keyframe, f"step {keyframe.step}"
+    assert_events_rebuild_keyframes(sink)
+
+
+@pytest.mark.parametrize("policy", ["0-0:full; 1-1:full", "0-1/h0:full; 0-1/h1:full"])
+def test_groups_of_one_spec_run_as_one_group_under_pressure(tiny_model, policy):
+    """Two groups (by layers, or by KV heads) with twice the blocks give the tokens of one
+    group through preemptions and prefix hits, and their events replay to the pool at every
+    step. (Hit rates may differ: the groups' freed blocks queue one group after the other, so
+    LRU eviction can cut one group's copy of a prefix first, as in vLLM.)"""
+    requests = [WorkloadRequest(i, prompt_token_ids=[7] * 40 + [i] * (5 + 3 * i),
+                                max_tokens=20 + i, arrival=0.0)
+                for i in range(10)]
+    knobs = dict(block_size=8, max_model_len=96, keyframe_interval=1, max_num_seqs=4)
+    one, sink_one = run_requests(tiny_model, requests, num_blocks=14, **knobs)
+    two, sink = run_requests(tiny_model, requests, num_blocks=28, policy=policy, **knobs)
+    assert two.output_token_ids == one.output_token_ids
+    assert two.summary.num_preemptions > 0 and one.summary.num_preemptions > 0
+    assert two.summary.prefix_hit_rate > 0 and two.summary.num_evictions > 0
+    assert [g["policy"] for g in two.summary.kv_groups] == ["full", "full"]
+    assert {e.group_id for e in sink.block_events} == {0, 1}
+    assert_events_rebuild_keyframes(sink)
+
+
+@pytest.mark.slow
+def test_two_layer_groups_give_the_tokens_of_one_group(smollm2):
+    prompts = chat_prompts(smollm2.tokenizer, 6)
+    requests = [WorkloadRequest(i, prompt_token_ids=p, max_tokens=24)
+                for i, p in enumerate(prompts)]
+    one, _ = run_requests(smollm2, requests, num_blocks=256, max_model_len=256)
+    two, sink = run_requests(smollm2, requests, num_blocks=512, max_model_len=256,
+                             policy="0-14:full; 15-29:full", keyframe_interval=5)
+    assert two.output_token_ids == one.output_token_ids
+    assert two.summary.kv_page_size_bytes * 2 == one.summary.kv_page_size_bytes
+    assert two.summary.kv_bytes_per_token == one.summary.kv_bytes_per_token == 46080
+    assert_events_rebuild_keyframes(sink)
 
 
 def test_step_records_account_for_every_block(tiny_model):

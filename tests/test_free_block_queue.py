@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.free_block_queue import FreeBlockQueue, KVBlock
+from engine.kv_cache.free_block_queue import FreeBlockQueue, KVBlock
 
 
 def make(n: int) -> tuple[list[KVBlock], FreeBlockQueue]:

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from engine.kv_cache import PagedKVCache
+from engine.kv_cache.storage import PagedKVCache
 from engine.model_runner import ModelRunner
 from engine.models.config import TINY_LLAMA
 from engine.models.loader import load_model
@@ -23,15 +23,18 @@ BLOCK_SIZE = 16
 
 
 class LocalAllocator:
-    """Hands out block ids in a fixed shuffled order; block 0 is never used (decode padding)."""
+    """Hands out block ids in a fixed shuffled order, to one KV cache group."""
 
     def __init__(self, num_blocks: int, seed: int = 0):
-        self.free = list(range(1, num_blocks))
+        self.free = list(range(num_blocks))
         random.Random(seed).shuffle(self.free)
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
-        while len(seq.block_table) * BLOCK_SIZE < num_tokens:
-            seq.block_table.append(self.free.pop())
+        if not seq.block_tables:
+            seq.block_tables = ([],)
+        (table,) = seq.block_tables
+        while len(table) * BLOCK_SIZE < num_tokens:
+            table.append(self.free.pop())
 
 
 def generate(runner: ModelRunner, alloc: LocalAllocator, seqs: list[Sequence],
@@ -62,7 +65,7 @@ def make_seqs(prompts: list[list[int]]) -> list[Sequence]:
 @pytest.mark.slow
 def test_one_prompt_at_a_time_matches_transformers(smollm2, oracle_prompts,
                                                    oracle_expected):
-    cache = PagedKVCache(smollm2.config, 64, BLOCK_SIZE, torch.float32, smollm2.device)
+    cache = PagedKVCache.for_model(smollm2.config, 64, BLOCK_SIZE, "fp32", smollm2.device)
     runner = ModelRunner(smollm2, cache)
     for i in range(5):
         (seq,) = make_seqs([oracle_prompts[i]])
@@ -75,7 +78,7 @@ def test_eight_prompts_batched_with_chunked_prefill_match_transformers(
         smollm2, oracle_prompts, oracle_expected):
     prompts = oracle_prompts
     assert len({len(p) for p in prompts}) == len(prompts), "prompt lengths should all differ"
-    cache = PagedKVCache(smollm2.config, 256, BLOCK_SIZE, torch.float32, smollm2.device)
+    cache = PagedKVCache.for_model(smollm2.config, 256, BLOCK_SIZE, "fp32", smollm2.device)
     runner = ModelRunner(smollm2, cache)
     seqs = make_seqs(prompts)
     # chunks of 40: long prompts need two steps, so steps mix prefill chunks with decodes
@@ -95,7 +98,7 @@ def test_tiny_model_is_deterministic_and_batch_invariant():
     prompts = [[5, 6, 7, 8, 9] * 7, [11, 12, 13], list(range(100, 150))]
     outs = []
     for group in ([prompts[0]], prompts):
-        cache = PagedKVCache(a.config, 64, BLOCK_SIZE, torch.float32, a.device)
+        cache = PagedKVCache.for_model(a.config, 64, BLOCK_SIZE, "fp32", a.device)
         seqs = make_seqs(group)
         generate(ModelRunner(a, cache), LocalAllocator(64), seqs, 16, 6)
         outs.append(seqs[0].output_token_ids)
@@ -103,8 +106,8 @@ def test_tiny_model_is_deterministic_and_batch_invariant():
 
 
 def test_runner_does_not_modify_sequences(tiny_model):
-    cache = PagedKVCache(tiny_model.config, 16, BLOCK_SIZE, torch.float32, tiny_model.device)
-    seq = Sequence(0, [1, 2, 3, 4], 4, 8, block_table=[3])
+    cache = PagedKVCache.for_model(tiny_model.config, 16, BLOCK_SIZE, "fp32", tiny_model.device)
+    seq = Sequence(0, [1, 2, 3, 4], 4, 8, block_tables=([3],))
     logits = ModelRunner(tiny_model, cache).execute([(seq, 2)])  # a first chunk: no logits
     assert logits.shape == (0, tiny_model.config.vocab_size)
-    assert (seq.token_ids, seq.num_computed_tokens, seq.block_table) == ([1, 2, 3, 4], 0, [3])
+    assert (seq.token_ids, seq.num_computed_tokens, seq.block_tables) == ([1, 2, 3, 4], 0, ([3],))

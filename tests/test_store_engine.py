@@ -4,15 +4,12 @@ evictions and preemptions)."""
 
 from __future__ import annotations
 
-import pytest
 from store_fixtures import fixture_db_url, fixture_make_db_url, fixture_trace_store  # noqa: F401
 
+import engine.run as engine_run
 from engine.config import RunConfig, SamplingConfig, WorkloadSpec
 from engine.trace import BLOCK_EVENT_KINDS, Keyframe
 from store import RunReader, RunWriter
-
-engine_run = pytest.importorskip("engine.run", reason="engine.run is not importable yet",
-                                 exc_type=ImportError)
 
 CONFIG = RunConfig(
     model="tiny", num_blocks=24, block_size=16, max_model_len=256, max_num_seqs=4,
@@ -36,7 +33,7 @@ def test_block_state_at_equals_block_manager_every_step(trace_store, monkeypatch
     truth: dict[int, Keyframe] = {}
 
     def on_step(record) -> None:
-        truth[record.step] = engines[0].block_manager.snapshot(record.step)
+        truth[record.step] = engines[0].kv_cache_manager.snapshot(record.step)
 
     writer = RunWriter(trace_store, CONFIG, name="engine truth")
     result = engine_run.run(CONFIG, writer, on_step=on_step)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from datetime import timedelta
@@ -16,6 +17,7 @@ from store_fixtures import (  # noqa: F401 (fixtures)
     FAKE_CONFIG,
     ROOT,
     FakeBlockManager,
+    assert_events_rebuild_keyframes,
     fake_run,
     fixture_db_url,
     fixture_make_db_url,
@@ -65,19 +67,40 @@ def test_newer_schema_is_refused(db_url: str) -> None:
 def test_older_schema_is_migrated_in_order(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     open_store(db_url).dispose()
     applied = []
+    current = store_db.SCHEMA_VERSION
 
     def add_index(conn) -> None:
-        applied.append(2)
+        applied.append(current + 1)
         conn.execute(text("CREATE INDEX ix_runs_name_test ON runs (name)"))
 
-    monkeypatch.setattr(store_db, "SCHEMA_VERSION", 3)
-    monkeypatch.setattr(store_db, "MIGRATIONS", {2: add_index, 3: lambda conn: applied.append(3)})
+    monkeypatch.setattr(store_db, "SCHEMA_VERSION", current + 2)
+    monkeypatch.setattr(store_db, "MIGRATIONS", {current + 1: add_index,
+                                                 current + 2: lambda conn: applied.append(
+                                                     current + 2)})
     store = open_store(db_url)
     try:
-        assert applied == [2, 3]
-        assert store_db.schema_version(store) == 3
+        assert applied == [current + 1, current + 2]
+        assert store_db.schema_version(store) == current + 2
         open_store(db_url).dispose()  # already migrated: nothing runs again
-        assert applied == [2, 3]
+        assert applied == [current + 1, current + 2]
+    finally:
+        store.dispose()
+
+
+def test_a_database_from_before_groups_migrates_and_replays(tmp_path: Path) -> None:
+    """tests/data/kvlab-schema-v1.db was written by kvlab at schema version 1 (one fake run of
+    40 steps, seed 5, no KV cache groups): it opens, migrates, and replays unchanged."""
+    path = tmp_path / "old.db"
+    shutil.copy(ROOT / "tests" / "data" / "kvlab-schema-v1.db", path)
+    store = open_store(f"sqlite:///{path}")
+    try:
+        assert store_db.schema_version(store) == store_db.SCHEMA_VERSION
+        reader = RunReader(store)
+        assert assert_events_rebuild_keyframes(reader, 1) == [0, 10, 20, 30, 40]
+        writer = RunWriter(store, FAKE_CONFIG)  # and new runs go in beside it
+        fake_run(writer, 5)
+        writer.close()
+        assert reader.list_runs().run_id.tolist() == [writer.run_id, 1]
     finally:
         store.dispose()
 

@@ -12,6 +12,8 @@ import pytest
 from sqlalchemy import func, select
 from store_fixtures import (  # noqa: F401 (fixtures)
     FAKE_CONFIG,
+    ROOT,
+    assert_events_rebuild_keyframes,
     fake_run,
     fixture_db_url,
     fixture_make_db_url,
@@ -142,6 +144,19 @@ def _rewrite(src: Path, dst: Path, replace: dict[str, bytes | None]) -> Path:
     return dst
 
 
+def test_a_trace_file_from_before_groups_imports_and_replays(trace_store) -> None:
+    """tests/data/trace-format-v1.kvtrace.zip was exported by kvlab at trace format 1 (no KV
+    cache groups, every free at the queue's tail): it imports with the defaults and replays."""
+    run_id = import_run(trace_store, ROOT / "tests" / "data" / "trace-format-v1.kvtrace.zip")
+    reader = RunReader(trace_store)
+    assert reader.run_info(run_id).name == "recorded before groups"
+    assert assert_events_rebuild_keyframes(reader, run_id) == [0, 10, 20, 30, 40]
+    assert reader.keyframes(run_id)[-1].groups == [
+        0 if ref or h else None for ref, h in zip(reader.keyframes(run_id)[-1].ref_counts,
+                                                 reader.keyframes(run_id)[-1].block_hashes,
+                                                 strict=True)]
+
+
 def test_import_refuses_bad_files(trace_store, tmp_path: Path) -> None:
     run_id, _, _ = record(trace_store, steps=30)
     good = export_run(trace_store, run_id, tmp_path / "good.zip")
@@ -157,7 +172,7 @@ def test_import_refuses_bad_files(trace_store, tmp_path: Path) -> None:
         "not a zip": garbage,
         "damaged|not a zip|truncated": truncated,
         "newer than this kvlab": _rewrite(good, tmp_path / "v99.zip", {"manifest.json": manifest
-                                          .replace('"format_version": 1', '"format_version": 99')
+                                          .replace('"format_version": 2', '"format_version": 99')
                                           .encode()}),
         "lacks required columns": _rewrite(good, tmp_path / "cols.zip",
                                            {"steps.parquet": other_columns}),

@@ -29,6 +29,7 @@ static inline void scale_row(float *restrict y, float a, int n) {
 typedef struct {
     const float *k, *v;    /* (Hk, num_blocks, bs, D) */
     const int64_t *tables; /* (B, max_blocks) */
+    int64_t null_block;    /* a block given back mid-request: skipped, never read */
     int num_blocks, bs, max_blocks, D;
 } Cache;
 
@@ -109,6 +110,7 @@ INLINE int attend(const Cache *c, const float *restrict qs, int b, int j, int t0
         const int off = t % bs, n = (bs - off < t1 - t) ? bs - off : t1 - t;
         const int64_t blk = table[t / bs];
         t += n;
+        if (blk == c->null_block) continue; /* its tokens are gone: they get no weight */
         if (blk < 0 || blk >= c->num_blocks) {
             status = -1;
             continue;
@@ -117,7 +119,7 @@ INLINE int attend(const Cache *c, const float *restrict qs, int b, int j, int t0
         const float *kn = NULL, *vn = NULL;
         if (t < t1) { /* t already points at the next block */
             const int64_t nb = table[t / bs];
-            if (nb >= 0 && nb < c->num_blocks) {
+            if (nb >= 0 && nb < c->num_blocks && nb != c->null_block) {
                 kn = c->k + (head + nb) * bs * (int64_t)D;
                 vn = c->v + (head + nb) * bs * (int64_t)D;
             }
@@ -143,14 +145,15 @@ static int num_splits(int pairs, int nthreads, int max_ctx) {
 }
 
 /* q (B, H, D), out (B, H, D); query head h reads kv head h / (H / Hk). context_lens (B,)
- * count valid tokens, so table entries past them are never read. Returns 0, or -1 if a block
- * id was out of range (out is then incomplete) or scratch could not be allocated. */
+ * count valid tokens, so table entries past them are never read; entries equal to null_block
+ * are skipped (a request with only null blocks gets zeros). Returns 0, or -1 if a block id
+ * was out of range (out is then incomplete) or scratch could not be allocated. */
 int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
                      const int64_t *block_tables, const int64_t *context_lens, float *out, int B,
                      int H, int Hk, int D, int num_blocks, int block_size,
-                     int max_blocks_per_seq, float scale, int nthreads) {
+                     int max_blocks_per_seq, float scale, int nthreads, int64_t null_block) {
     const int G = H / Hk, pairs = B * Hk, cap = max_blocks_per_seq * block_size;
-    const Cache c = {k_cache, v_cache, block_tables, num_blocks, block_size,
+    const Cache c = {k_cache, v_cache, block_tables, null_block, num_blocks, block_size,
                      max_blocks_per_seq, D};
     int max_ctx = 0;
     for (int b = 0; b < B; b++) {

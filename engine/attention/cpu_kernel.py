@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from engine.models.gguf_loader import atomic_write, cache_dir
+from engine.cache_files import atomic_write, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=
 DISABLE_ENV = "KVLAB_DISABLE_CPU_KERNEL"
 
 _c_int, _c_float, _ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-_ARGTYPES = [_ptr] * 6 + [_c_int] * 7 + [_c_float, _c_int]
+_ARGTYPES = [_ptr] * 6 + [_c_int] * 7 + [_c_float, _c_int, ctypes.c_int64]
 
 
 def _cpu_signature() -> str:
@@ -134,11 +134,12 @@ def available() -> bool:
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float
-                 ) -> torch.Tensor | None:
+                 block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                 null_block: int = -1) -> torch.Tensor | None:
     """Decode attention through block tables: q (B, H, D), caches (Hk, num_blocks, bs, D),
     block_tables (B, n), context_lens (B,) -> (B, H, D), or None where the kernel does not
-    apply (the caller then runs the PyTorch path)."""
+    apply (the caller then runs the PyTorch path). Table entries equal to `null_block` are
+    skipped (blocks given back mid-request)."""
     # this runs for every layer of every decode step: keep it to cheap attribute checks
     if (not q.is_cpu or q.dtype != torch.float32 or k_cache.dtype != torch.float32
             or v_cache.dtype != torch.float32):
@@ -165,7 +166,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     out = torch.empty_like(q)  # (B, H, D)
     status = fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
                 context_lens.data_ptr(), out.data_ptr(), b, h, hk, d, num_blocks, bs,
-                block_tables.shape[1], scale, torch.get_num_threads())
+                block_tables.shape[1], scale, torch.get_num_threads(), null_block)
     if status != 0:
         raise IndexError("decode block table holds a block id outside the cache "
                          f"(0..{num_blocks - 1}), or kernel scratch allocation failed")

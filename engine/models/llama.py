@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.attention.layer import Attention
 from engine.attention.metadata import AttentionMetadata
-from engine.attention.paged import paged_attention
-from engine.kv_cache import PagedKVCache
+from engine.kv_cache.spec import KVCacheSpec
 from engine.models.config import LlamaConfig
 
 
@@ -52,19 +52,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-class Attention(nn.Module):
+class SelfAttention(nn.Module):
+    """Projections and RoPE; the paged cache and the attention itself are the `Attention`
+    object the runner passes in for this layer (engine/attention/layer.py)."""
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.scale = 1.0 / math.sqrt(config.head_dim)
         qkv_out = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, qkv_out, bias=False)
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                meta: AttentionMetadata, kv_cache: PagedKVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention: Attention, metadata: list[AttentionMetadata]) -> torch.Tensor:
         t = x.shape[0]
         h, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = linear(x, self.qkv_proj.weight).view(t, h + 2 * hk, d)  # (T, H + 2Hk, D)
@@ -72,9 +74,7 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, : h + hk], cos, sin)  # (T, H + Hk, D)
         q, k = qk[:, :h], qk[:, h:]  # (T, H, D), (T, Hk, D)
         v = qkv[:, h + hk:]  # (T, Hk, D)
-        k_cache, v_cache = kv_cache.layer_kv(layer)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale,
-                              kv_cache.workspace)  # (T, H, D)
+        out = attention.forward(q, k, v, metadata)  # (T, H, D)
         return linear(out.reshape(t, h * d), self.o_proj.weight)  # (T, C)
 
 
@@ -95,13 +95,13 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.layer = layer
         self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attn = Attention(config)
+        self.attn = SelfAttention(config)
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttentionMetadata, kv_cache: PagedKVCache) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, self.layer, meta, kv_cache)  # (T, C)
+                attention: Attention, metadata: list[AttentionMetadata]) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, attention, metadata)  # (T, C)
         return x + self.mlp(self.mlp_norm(x))  # (T, C)
 
 
@@ -126,15 +126,24 @@ class Llama(nn.Module):
         """Recompute the fp32 RoPE tables (after building on the meta device, or a dtype cast)."""
         self.rope_cos, self.rope_sin = rope_tables(self.config, device)
 
+    @property
+    def attention_scale(self) -> float:
+        return 1.0 / math.sqrt(self.config.head_dim)
+
+    def kv_cache_spec(self, block_size: int, kv_dtype: str) -> KVCacheSpec:
+        """What each layer stores per block of the paged cache (see engine/kv_cache)."""
+        return self.config.kv_cache_spec(block_size, kv_dtype)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata, kv_cache: PagedKVCache) -> torch.Tensor:
-        """input_ids, positions (T,) -> final hidden states (T, C), normed."""
+                metadata: list[AttentionMetadata], attention: list[Attention]) -> torch.Tensor:
+        """input_ids, positions (T,) -> final hidden states (T, C), normed. `metadata` is the
+        step seen by each KV cache group, `attention[i]` layer i's paged attention."""
         x = self.embed_tokens(input_ids)  # (T, C)
         # HF casts cos/sin to the activation dtype before rotating; so do we
         cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # (T, 1, D)
         sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)  # (T, 1, D)
         for layer in self.layers:
-            x = layer(x, cos, sin, meta, kv_cache)  # (T, C)
+            x = layer(x, cos, sin, attention[layer.layer], metadata)  # (T, C)
         return self.norm(x)  # (T, C)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

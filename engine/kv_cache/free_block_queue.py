@@ -11,21 +11,25 @@ from collections.abc import Iterator
 
 
 class KVBlock:
-    """One physical KV-cache block.
+    """One physical KV-cache block: one page of one group's layers.
 
-    Invariants (kept by `BlockManager`, the only writer of every field except the links):
-      - `ref_count` is the number of live requests whose block table holds this block;
-        `ref_count == 0` iff the block is in the free queue.
-      - `block_hash` is not None iff the manager's hash map maps that hash to this block; then
-        `token_ids` and `parent_hash` hold what the hash was computed from (the collision guard).
-        A free block keeps its hash ("cached free") until it is popped for reuse (lazy eviction).
+    Invariants (kept by `BlockPool`, the only writer of every field except the links):
+      - `ref_count` is the number of live block tables holding this block; `ref_count == 0` iff
+        the block is in the free queue.
+      - `block_hash` is not None iff the pool's hash map lists this block under
+        (`block_hash`, `group_id`); then `token_ids` and `parent_hash` hold what the hash was
+        computed from (the collision guard). A free block keeps its hash ("cached free") until
+        it is popped for reuse (lazy eviction).
+      - `group_id` is the group whose layers the block's page holds while it is in use or
+        hashed; None while it is free and unhashed.
       - `owner` is the request that last allocated or touched the block, None while it is free.
       - `prev`/`next` are written only by `FreeBlockQueue`; both are None iff the block is not
         in a queue.
     """
 
     __slots__ = (
-        "block_id", "ref_count", "block_hash", "parent_hash", "token_ids", "owner", "prev", "next",
+        "block_id", "ref_count", "block_hash", "parent_hash", "token_ids", "group_id", "owner",
+        "prev", "next",
     )
 
     def __init__(self, block_id: int) -> None:
@@ -34,6 +38,7 @@ class KVBlock:
         self.block_hash: int | None = None
         self.parent_hash: int | None = None
         self.token_ids: tuple[int, ...] | None = None
+        self.group_id: int | None = None
         self.owner: int | None = None
         self.prev: KVBlock | None = None
         self.next: KVBlock | None = None
@@ -93,14 +98,23 @@ class FreeBlockQueue:
 
     def append(self, block: KVBlock) -> None:
         """Link `block` at the tail (evicted last)."""
-        if block.prev is not None or block.next is not None:
-            raise ValueError(f"block {block.block_id} is already in the free queue")
         last = self._tail.prev
         assert last is not None
-        last.next = block
-        block.prev = last
-        block.next = self._tail
-        self._tail.prev = block
+        self._link(last, block)
+
+    def prepend(self, block: KVBlock) -> None:
+        """Link `block` at the head (reused next)."""
+        self._link(self._head, block)
+
+    def _link(self, after: KVBlock, block: KVBlock) -> None:
+        if block.prev is not None or block.next is not None:
+            raise ValueError(f"block {block.block_id} is already in the free queue")
+        nxt = after.next
+        assert nxt is not None
+        after.next = block
+        block.prev = after
+        block.next = nxt
+        nxt.prev = block
         self._len += 1
 
     def remove(self, block: KVBlock) -> None:

@@ -1,0 +1,84 @@
+"""Attention backends: how one layer's share of the cache is written and attended over.
+
+A backend reads its layer's storage through the spec's tensor names (`cache["k"]`), so a new
+cache format (quantized blocks, a latent cache) is a new backend class, chosen once per layer
+by `select_backend`, not a branch inside the attention code.
+
+- `TorchPagedAttention`: K/V caches in any float dtype on any device; prefill with SDPA over
+  the gathered context, decode with grouped batched matmuls (paged.py).
+- `CpuKernelAttention`: the same, but decode runs the fused C kernel (cpu_kernel.py), which
+  reads blocks in place; CPU fp32 only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention import cpu_kernel, paged
+from engine.attention.metadata import AttentionMetadata
+from engine.kv_cache.spec import KVCacheSpec
+from engine.kv_cache.storage import LayerCache
+
+
+class TorchPagedAttention:
+    """The PyTorch path, and the reference every other backend is tested against."""
+
+    name = "torch"
+
+    def __init__(self, scale: float, workspace: paged.Workspace | None = None) -> None:
+        self.scale = scale
+        self.workspace = workspace
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """All T tokens of a step: q (T, H, D), k/v (T, Hk, D) -> (T, H, D); writes k/v first.
+        Prefill tokens come first in the step (see AttentionMetadata)."""
+        k_cache, v_cache = cache["k"], cache["v"]
+        paged.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        n_pre = meta.num_prefill_tokens
+        if n_pre == 0:
+            return self.decode(q, cache, meta)
+        out = torch.empty_like(q)  # (T, H, D)
+        start = 0
+        for qlen, ctx, table in zip(meta.prefill_query_lens, meta.prefill_context_lens,
+                                    meta.prefill_block_tables, strict=True):
+            end = start + qlen
+            out[start:end] = paged.prefill_attention(
+                q[start:end], k[start:end], v[start:end], k_cache, v_cache, table, ctx,
+                self.scale, cache.null_block, self.workspace)
+            start = end
+        if meta.num_decode_tokens:
+            out[n_pre:] = self.decode(q[n_pre:], cache, meta)
+        return out
+
+    def decode(self, q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata
+               ) -> torch.Tensor:
+        """One new token per decoding request: q (Bd, H, D) -> (Bd, H, D)."""
+        if meta.decode_attn_bias is None:  # the group's first layer builds it for the others
+            meta.decode_attn_bias = paged.decode_attn_bias(
+                meta.decode_context_lens, meta.decode_block_tables, cache.spec.block_size,
+                cache.null_block, q.dtype)
+        return paged.decode_attention(q, cache["k"], cache["v"], meta.decode_block_tables,
+                                      meta.decode_attn_bias, self.scale, self.workspace)
+
+
+class CpuKernelAttention(TorchPagedAttention):
+    """Decode through the fused C kernel; anything it cannot serve takes the PyTorch path."""
+
+    name = "cpu-kernel"
+
+    def decode(self, q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata
+               ) -> torch.Tensor:
+        out = cpu_kernel.paged_decode(q, cache["k"], cache["v"], meta.decode_block_tables,
+                                      meta.decode_context_lens, self.scale, cache.null_block)
+        return out if out is not None else super().decode(q, cache, meta)
+
+
+def select_backend(spec: KVCacheSpec, device: torch.device, scale: float,
+                   workspace: paged.Workspace | None) -> TorchPagedAttention:
+    """The fused kernel for fp32 caches on a CPU where it builds, the PyTorch path elsewhere."""
+    if spec.attention != "full":
+        raise ValueError(f"no attention backend for {spec.attention!r} caches yet")
+    if device.type == "cpu" and spec.kv_dtype == "fp32" and cpu_kernel.available():
+        return CpuKernelAttention(scale, workspace)
+    return TorchPagedAttention(scale, workspace)

@@ -1,0 +1,120 @@
+"""What the KV cache stores: per-layer specs, declared by the model, and the layer groups.
+
+Plain data (no torch), so a RunConfig can be validated and a budget turned into blocks before
+any weights load. Bytes per block are computed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Element sizes of the cache's storage dtypes (names as in RunConfig; torch types in storage.py).
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "uint8": 1}
+ATTENTION_KINDS = ("full", "sliding_window", "latent")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One tensor a layer keeps per block. `block_shape` is one block of one layer; with
+    `head_major` its first axis is the KV head and storage puts the page axis second
+    (`(heads, pages, *rest)`), else storage is `(pages, *block_shape)`."""
+
+    name: str  # "k", "v"; later "k_scale", "latent", ...
+    dtype: str  # a DTYPE_BYTES key
+    block_shape: tuple[int, ...]
+    head_major: bool = True
+
+    @property
+    def block_bytes(self) -> int:
+        return math.prod(self.block_shape) * DTYPE_BYTES[self.dtype]
+
+    def storage_shape(self, num_pages: int) -> tuple[int, ...]:
+        if self.head_major:
+            return (self.block_shape[0], num_pages, *self.block_shape[1:])
+        return (num_pages, *self.block_shape)
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    """What one layer stores per block of `block_size` tokens, everything included (scales
+    too, once a format has them): the unit every byte figure of the cache is built from."""
+
+    attention: str  # one of ATTENTION_KINDS; picks the manager and the attention backend
+    block_size: int
+    kv_dtype: str  # the cache format's name ("fp32", "bf16", ...)
+    tensors: tuple[TensorSpec, ...]
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention kind {self.attention!r} is not one of {ATTENTION_KINDS}")
+
+    @property
+    def page_size_bytes(self) -> int:
+        """One block of one layer."""
+        return sum(t.block_bytes for t in self.tensors)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.page_size_bytes / self.block_size
+
+    def tensor(self, name: str) -> TensorSpec:
+        return next(t for t in self.tensors if t.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"attention": self.attention, "block_size": self.block_size,
+                "kv_dtype": self.kv_dtype, "page_size_bytes": self.page_size_bytes,
+                "tensors": {t.name: {"dtype": t.dtype, "block_shape": list(t.block_shape)}
+                            for t in self.tensors}}
+
+
+def full_attention_spec(num_kv_heads: int, head_dim: int, block_size: int,
+                        kv_dtype: str) -> KVCacheSpec:
+    """K and V, head-major: each block of one layer is (kv_heads, block_size, head_dim)."""
+    shape = (num_kv_heads, block_size, head_dim)
+    return KVCacheSpec("full", block_size, kv_dtype,
+                       (TensorSpec("k", kv_dtype, shape), TensorSpec("v", kv_dtype, shape)))
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheGroup:
+    """Layers (and a range of their KV heads) that share one spec and one block table per
+    request. A pool block of this group holds one page of `spec` for each of its layers."""
+
+    group_id: int
+    layers: tuple[int, ...]
+    kv_heads: tuple[int, ...]  # contiguous: which of each layer's KV heads the group holds
+    spec: KVCacheSpec  # of one layer's share (its `kv_heads` only)
+    policy: str = field(default="full")
+
+    @property
+    def page_size_bytes(self) -> int:
+        """What one pool block of this group costs: every layer of the group, all tensors."""
+        return self.spec.page_size_bytes * len(self.layers)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.page_size_bytes / self.spec.block_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"group_id": self.group_id, "layers": _ranges(self.layers),
+                "kv_heads": _ranges(self.kv_heads), "policy": self.policy,
+                "page_size_bytes": self.page_size_bytes, "spec": self.spec.to_dict()}
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5) -> '0-2,5' for summaries people read."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(v) if v == start else f"{start}-{v}")
+            start = None
+    return ",".join(parts)
+
+
+def kv_bytes_per_token(groups: tuple[KVCacheGroup, ...]) -> float:
+    """What one token of context costs across all groups (every layer, every head)."""
+    return sum(g.bytes_per_token for g in groups)
