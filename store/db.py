@@ -37,7 +37,7 @@ BUSY_TIMEOUT_MS = 30_000
 
 # The schema version this code writes. To change the schema: bump it and add a step to
 # MIGRATIONS that takes a database from version N-1 to N (plain DDL on the connection).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _migrate_add_block_groups(conn: Connection) -> None:
@@ -46,7 +46,13 @@ def _migrate_add_block_groups(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE block_events ADD COLUMN group_id BIGINT NOT NULL DEFAULT 0"))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _migrate_add_block_groups}
+def _migrate_add_quality_results(conn: Connection) -> None:
+    """3: quality evaluations (KL, top-1, perplexity of a cache format against fp32)."""
+    Base.metadata.tables["quality_results"].create(conn, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _migrate_add_block_groups,
+                                                       3: _migrate_add_quality_results}
 
 
 def utcnow() -> datetime:

@@ -33,6 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from engine.quality_result import QualityResult
 from engine.trace import BlockEvent, RequestEvent, RequestRecord, StepRecord
 from store.trace_columns import sql_columns
 
@@ -157,3 +158,16 @@ class KeyframeRow(Base):
 
 
 CHILD_TABLES = (Step, BlockEventRow, RequestEventRow, RequestRow, KeyframeRow)
+
+
+class QualityRow(Base):
+    """One quality evaluation (`cli.py quality`, the Quality page): the figures of
+    engine.quality_result.QualityResult (same names) and the RunConfig evaluated."""
+
+    __table__ = Table(
+        "quality_results", Base.metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("created_at", DateTime, index=True),
+        Column("config_json", Text),
+        *sql_columns(QualityResult),
+    )

@@ -15,7 +15,6 @@ import pandas as pd
 import streamlit as st
 
 from engine.config import RunConfig
-from engine.device import resolve_device, torch_dtype
 from engine.trace import BlockState
 from store import RunInfo, RunReader, Store, open_store
 from ui import analysis, charts, timeline
@@ -41,21 +40,20 @@ def get_store() -> Store:
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _model(name: str, device: str, dtype: str, seed: int) -> LoadedModel:
-    from engine.models.loader import load_model  # torch model code: only when a run starts
+def _model(key: tuple[str, str, str, int]) -> LoadedModel:
+    from engine.run import load_model_by_key  # torch model code: only when a run starts
 
-    return load_model(name, resolve_device(device), torch_dtype(dtype), seed=seed)
+    return load_model_by_key(key)
 
 
 def get_model(config: RunConfig) -> LoadedModel:
-    """The config's model, loaded once per (name, device, dtype, seed) for the whole server.
+    """The config's model, loaded once per `engine.run.model_key` for the whole server.
 
     Safe to call from a run's background thread: the cache has its own lock.
     """
-    device = resolve_device(config.device)
-    # The seed picks the weights of random models only; the real model is one load for all.
-    seed = 0 if config.model == "smollm2" else config.seed
-    return _model(config.model, device.type, config.resolved_dtype(device.type), seed)
+    from engine.run import model_key
+
+    return _model(model_key(config))
 
 
 # Queries ------------------------------------------------------------------------------------
@@ -70,6 +68,22 @@ def _list_runs(url: str, limit: int | None) -> pd.DataFrame:
 
 def list_runs(limit: int | None = None) -> pd.DataFrame:
     return _list_runs(db_url(), limit)
+
+
+@st.cache_data(show_spinner=False, ttl=30)
+def _quality_results(url: str) -> pd.DataFrame:
+    from store.quality import list_quality
+
+    return list_quality(_store(url))
+
+
+def quality_results() -> pd.DataFrame:
+    """Every stored quality evaluation (store.quality), oldest first."""
+    return _quality_results(db_url())
+
+
+def refresh_quality() -> None:
+    _quality_results.clear()
 
 
 def refresh_runs() -> None:

@@ -76,9 +76,15 @@ class CpuKernelAttention(TorchPagedAttention):
 
 def select_backend(spec: KVCacheSpec, device: torch.device, scale: float,
                    workspace: paged.Workspace | None) -> TorchPagedAttention:
-    """The fused kernel for fp32 caches on a CPU where it builds, the PyTorch path elsewhere."""
+    """The fused kernel for fp32 and quantized caches on a CPU where it builds, the PyTorch
+    path elsewhere."""
     if spec.attention != "full":
         raise ValueError(f"no attention backend for {spec.attention!r} caches yet")
-    if device.type == "cpu" and spec.kv_dtype == "fp32" and cpu_kernel.available():
+    kernel = device.type == "cpu" and cpu_kernel.available()
+    if spec.quantized:
+        from engine.attention.quantized import QuantizedPagedAttention
+
+        return QuantizedPagedAttention(spec, scale, workspace, use_kernel=kernel)
+    if kernel and spec.kv_dtype == "fp32":
         return CpuKernelAttention(scale, workspace)
     return TorchPagedAttention(scale, workspace)
