@@ -68,14 +68,15 @@ def passage_tokens(texts: list[str], tokenizer: Any, context: int) -> list[list[
     return out
 
 
-class _Cache:
-    """One cache format's pool, storage and runner, holding the passages as sequences."""
+class PassageCache:
+    """One cache format's pool, storage and runner, holding the passages as sequences (also
+    what bench/kv_quant.py times decode steps on)."""
 
     def __init__(self, config: RunConfig, loaded: LoadedModel, passages: list[list[int]],
                  prompt_len: int, context: int) -> None:
         self.groups = config.kv_groups(config.resolved_kv_dtype(loaded.device.type))
         bs = config.block_size
-        per_seq = -(-(context + 1) // bs)
+        per_seq = -(-(context + 1) // bs)  # room for every token a sequence will hold
         num_blocks = len(self.groups) * len(passages) * per_seq
         self.kv = KVCacheManager(self.groups, num_blocks, enable_prefix_caching=False)
         self.storage = PagedKVCache(
@@ -114,6 +115,14 @@ def evaluate(config: RunConfig, loaded: LoadedModel, passages: list[list[int]], 
              on_progress: Callable[[float], None] | None = None) -> QualityResult:
     """Score `config`'s cache (kv_dtype, kv_rotate, policy, block_size) against the fp32 full
     cache on `passages` (each `context + 1` tokens)."""
+    return evaluate_many([config], loaded, passages, context=context, num_scored=num_scored,
+                         source=source, on_progress=on_progress)[0]
+
+
+def evaluate_many(configs: list[RunConfig], loaded: LoadedModel, passages: list[list[int]], *,
+                  context: int = 2048, num_scored: int = 256, source: str = "held set",
+                  on_progress: Callable[[float], None] | None = None) -> list[QualityResult]:
+    """`evaluate` for several candidates in lockstep with one reference run."""
     if not 1 <= num_scored < context:
         raise QualityError(f"num_scored must be in 1..{context - 1} (the context), "
                            f"got {num_scored}")
@@ -121,42 +130,51 @@ def evaluate(config: RunConfig, loaded: LoadedModel, passages: list[list[int]], 
     if context + 1 > limit:
         raise QualityError(f"context {context} needs {context + 1} positions but "
                            f"{loaded.config.name} has {limit}; lower --context")
-    reference = config.replace(kv_dtype="fp32", kv_rotate=False, policy="full")
+    reference = configs[0].replace(kv_dtype="fp32", kv_rotate=False, policy="full")
     start, prompt_len = time.monotonic(), context - num_scored
-    ref = _Cache(reference, loaded, passages, prompt_len, context)
-    cand = _Cache(config, loaded, passages, prompt_len, context)
+    caches = [PassageCache(c, loaded, passages, prompt_len, context)
+              for c in (reference, *configs)]
     total_steps = -(-prompt_len // PREFILL_CHUNK) + num_scored
     done = 0
+    sums = torch.zeros(len(configs), 4, dtype=torch.float64)  # kl, top-1, nll ref, nll
     with torch.inference_mode():
-        while ref.seqs[0].num_computed_tokens < prompt_len:  # prefill, chunk by chunk
-            n = min(PREFILL_CHUNK, prompt_len - ref.seqs[0].num_computed_tokens)
-            for cache in (ref, cand):
+        while caches[0].seqs[0].num_computed_tokens < prompt_len:  # prefill, chunk by chunk
+            n = min(PREFILL_CHUNK, prompt_len - caches[0].seqs[0].num_computed_tokens)
+            for cache in caches:
                 cache.step([(s, n) for s in cache.seqs])
             done += 1
             if on_progress:
                 on_progress(done / total_steps)
-        sums = torch.zeros(4, dtype=torch.float64)  # kl, top-1 hits, nll ref, nll candidate
         for j in range(num_scored):
             fed = prompt_len + j  # position of the token fed now; its successor is the target
             targets = torch.tensor([p[fed + 1] for p in passages])
             logits = []
-            for cache in (ref, cand):
+            for cache in caches:
                 for seq, p in zip(cache.seqs, passages, strict=True):
                     seq.token_ids.append(p[fed])
                 logits.append(cache.step([(s, 1) for s in cache.seqs]).float().cpu())
-            sums += _compare(*logits, targets)
+            for i, cand in enumerate(logits[1:]):
+                sums[i] += _compare(logits[0], cand, targets)
             done += 1
             if on_progress:
                 on_progress(done / total_steps)
+    elapsed = time.monotonic() - start
+    return [_result(c, cache, s, loaded, passages, context, num_scored, source, elapsed)
+            for c, cache, s in zip(configs, caches[1:], sums, strict=True)]
+
+
+def _result(config: RunConfig, cache: PassageCache, sums: torch.Tensor, loaded: LoadedModel,
+            passages: list[list[int]], context: int, num_scored: int, source: str,
+            elapsed: float) -> QualityResult:
     scored = num_scored * len(passages)
     kl, hits, nll_ref, nll = (sums / scored).tolist()
     return QualityResult(
         kl_mean=kl, top1=hits, ppl_ref=math.exp(nll_ref), ppl=math.exp(nll),
-        kv_bytes_per_token=cand.bytes_held / (len(passages) * (context + 1)),
+        kv_bytes_per_token=cache.bytes_held / (len(passages) * context),
         kv_dtype=config.resolved_kv_dtype(loaded.device.type), kv_rotate=config.kv_rotate,
         policy=config.policy, model=config.model, block_size=config.block_size,
         context=context, num_passages=len(passages), num_tokens_scored=scored, source=source,
-        elapsed_s=time.monotonic() - start)
+        elapsed_s=elapsed)
 
 
 def _compare(ref: torch.Tensor, cand: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -185,6 +185,14 @@ def test_runs_end_to_end_with_prefix_hits_and_preemption(tiny_model, fmt):
     assert_events_rebuild_keyframes(sink)  # replay works unchanged on quantized blocks
 
 
+def test_a_bf16_cache_under_fp32_weights_runs(tiny_model):
+    config = RunConfig(model="tiny", device="cpu", kv_dtype="bf16", num_blocks=32,
+                       max_model_len=128, sampling=SamplingConfig(ignore_eos=True))
+    requests = [WorkloadRequest(i, prompt_token_ids=[5 + i] * 40, max_tokens=8) for i in range(3)]
+    result = run(config, ListSink(), model=tiny_model, requests=requests)
+    assert result.summary.num_finished == 3 and result.summary.kv_bytes_per_token == 256
+
+
 def test_the_quality_harness_scores_fp32_against_itself_exactly(tiny_model):
     passages = passage_tokens(held_set(2), tiny_model.tokenizer, 96)
     config = RunConfig(model="tiny", device="cpu", max_model_len=97)

@@ -29,12 +29,13 @@ static inline void scale_row(float *restrict y, float a, int n) {
     for (int i = 0; i < n; i++) y[i] *= a;
 }
 
-enum { FMT_F32 = 0, FMT_FP8 = 1, FMT_INT8 = 2, FMT_INT4 = 3 };
+enum { FMT_F32 = 0, FMT_FP8 = 1, FMT_INT8 = 2, FMT_INT4 = 3, FMT_BF16 = 4, FMT_FP16 = 5 };
 
 typedef struct {
     int format;
     const float *k, *v;        /* FMT_F32: (Hk, num_blocks, bs, D) */
-    const uint8_t *kq, *vq;    /* quantized: (Hk, num_blocks, bs, D or D/2) bytes */
+    const uint8_t *kq, *vq;    /* quantized: (Hk, num_blocks, bs, D or D/2) bytes;
+                                  bf16/fp16: (Hk, num_blocks, bs, D) 16-bit values */
     const uint16_t *ks, *km;   /* int8/int4 keys: fp16 scale and min (Hk, num_blocks, D) */
     const uint16_t *vs, *vm;   /* int8/int4 values: fp16 (Hk, num_blocks, bs, groups) */
     int groups;                /* value groups per token */
@@ -76,6 +77,19 @@ static void dequant_rows(const Cache *c, int j, int64_t blk, int off, int n, flo
                          float *vout) {
     const int D = c->D, bs = c->bs, packed = c->format == FMT_INT4 ? D / 2 : D;
     const int64_t page = (int64_t)j * c->num_blocks + blk;
+    if (c->format == FMT_BF16 || c->format == FMT_FP16) { /* 16-bit floats: widen */
+        const uint16_t *k16 = (const uint16_t *)c->kq + (page * bs + off) * D;
+        const uint16_t *v16 = (const uint16_t *)c->vq + (page * bs + off) * D;
+        for (int i = 0; i < n * D; i++) {
+            if (c->format == FMT_FP16) {
+                kout[i] = half_to_float(k16[i]), vout[i] = half_to_float(v16[i]);
+                continue;
+            }
+            const uint32_t kb = (uint32_t)k16[i] << 16, vb = (uint32_t)v16[i] << 16;
+            memcpy(kout + i, &kb, 4), memcpy(vout + i, &vb, 4);
+        }
+        return;
+    }
     const uint8_t *kq = c->kq + (page * bs + off) * packed, *vq = c->vq + (page * bs + off) * packed;
     if (c->format == FMT_FP8) {
         for (int i = 0; i < n * D; i++) kout[i] = c->fp8[kq[i]], vout[i] = c->fp8[vq[i]];
@@ -323,9 +337,10 @@ int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
     return decode(&c, q, context_lens, out, B, H, Hk, scale, nthreads);
 }
 
-/* Quantized caches: format 1 fp8 (k_q, v_q only), 2 int8, 3 int4 (with fp16 k_scale, k_min
- * (Hk, num_blocks, D) and v_scale, v_min (Hk, num_blocks, bs, groups)); residual K/V
- * (Hk, slots, bs, D) fp32 and tail_slots (B,) for each request's open last block. */
+/* Caches other than fp32: format 1 fp8 (k_q, v_q only), 2 int8, 3 int4 (with fp16 k_scale,
+ * k_min (Hk, num_blocks, D) and v_scale, v_min (Hk, num_blocks, bs, groups)), 4 bf16 and
+ * 5 fp16 (k_q, v_q are the 16-bit caches); residual K/V (Hk, slots, bs, D) fp32 and
+ * tail_slots (B,) for each request's open last block (NULL: no residual, float caches). */
 int paged_decode_quant(int format, const float *q, const uint8_t *k_q, const uint8_t *v_q,
                        const uint16_t *k_scale, const uint16_t *k_min, const uint16_t *v_scale,
                        const uint16_t *v_min, int groups, const float *res_k,
@@ -333,7 +348,7 @@ int paged_decode_quant(int format, const float *q, const uint8_t *k_q, const uin
                        const int64_t *block_tables, const int64_t *context_lens, float *out,
                        int B, int H, int Hk, int D, int num_blocks, int block_size,
                        int max_blocks_per_seq, float scale, int nthreads, int64_t null_block) {
-    if (D > 512 || format < FMT_FP8 || format > FMT_INT4) return -2;
+    if (D > 512 || format < FMT_FP8 || format > FMT_FP16) return -2;
     Cache c;
     memset(&c, 0, sizeof c);
     c.format = format, c.kq = k_q, c.vq = v_q, c.ks = k_scale, c.km = k_min, c.vs = v_scale;

@@ -49,6 +49,7 @@ _ARGTYPES = [_ptr] * 6 + [_c_int] * 7 + [_c_float, _c_int, ctypes.c_int64]
 _QUANT_ARGTYPES = ([_c_int] + [_ptr] * 7 + [_c_int] + [_ptr] * 2 + [_c_int] + [_ptr] * 4
                    + [_c_int] * 7 + [_c_float, _c_int, ctypes.c_int64])
 QUANT_FORMATS = {"fp8": 1, "int8": 2, "int4": 3}
+HALF_FORMATS = {torch.bfloat16: 4, torch.float16: 5}
 
 
 def _cpu_signature() -> str:
@@ -141,6 +142,32 @@ def reset() -> None:
 def available() -> bool:
     """Whether the kernel is built and loaded (building it now if needed)."""
     return _KERNEL.get() is not None
+
+
+def paged_decode_half(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                      null_block: int = -1) -> torch.Tensor | None:
+    """`paged_decode` for bf16 / fp16 caches under an fp32 query (rows widened to fp32 inside
+    the block loop); None where the kernel does not apply."""
+    if (not q.is_cpu or q.dtype != torch.float32 or k_cache.dtype not in HALF_FORMATS
+            or v_cache.dtype != k_cache.dtype or _KERNEL.get() is None):
+        return None
+    q = q.contiguous()
+    b, h, d = q.shape
+    hk, num_blocks, bs, dk = k_cache.shape
+    if dk != d or h % hk or d > 512 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("paged_decode_half: unexpected cache layout or shapes")
+    block_tables, context_lens = block_tables.long().contiguous(), context_lens.long()
+    out = torch.empty_like(q)
+    status = _KERNEL.quant_fn(
+        HALF_FORMATS[k_cache.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        None, None, None, None, 1, None, None, 0, None, block_tables.data_ptr(),
+        context_lens.data_ptr(), out.data_ptr(), b, h, hk, d, num_blocks, bs,
+        block_tables.shape[1], scale, torch.get_num_threads(), null_block)
+    if status != 0:
+        raise IndexError(f"decode block table holds a block id outside the cache (status "
+                         f"{status})")
+    return out
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
