@@ -4,6 +4,8 @@
     python cli.py run [--model smollm2|tiny] [--workload NAME|FILE] [--num-blocks N | --kv-budget
         64MiB] [--no-prefix-caching] [--json] [--db URL]
     python cli.py runs | export RUN_ID FILE | import FILE | delete RUN_ID   (the trace store)
+    python cli.py sweep --base config.json --axis block_size=8,16 [--axis ...] (Ray sweeps;
+        see sweep/cli_commands.py) | sweeps [SWEEP_ID] | sweep-export SWEEP_ID FILE
 
 Bad input exits with status 2 and one line on stderr naming the problem and the fix.
 """
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from store.cli_commands import add_db_argument, register_commands
+    from sweep.cli_commands import register_commands as register_sweep_commands
 
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     register_commands(sub)
+    register_sweep_commands(sub)
     return parser
 
 

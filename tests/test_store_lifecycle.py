@@ -65,19 +65,21 @@ def test_newer_schema_is_refused(db_url: str) -> None:
 def test_older_schema_is_migrated_in_order(db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     open_store(db_url).dispose()
     applied = []
+    now = store_db.SCHEMA_VERSION  # relative, so the test outlives the next real migration
 
     def add_index(conn) -> None:
-        applied.append(2)
+        applied.append(now + 1)
         conn.execute(text("CREATE INDEX ix_runs_name_test ON runs (name)"))
 
-    monkeypatch.setattr(store_db, "SCHEMA_VERSION", 3)
-    monkeypatch.setattr(store_db, "MIGRATIONS", {2: add_index, 3: lambda conn: applied.append(3)})
+    monkeypatch.setattr(store_db, "SCHEMA_VERSION", now + 2)
+    monkeypatch.setattr(store_db, "MIGRATIONS", {now + 1: add_index,
+                                                 now + 2: lambda conn: applied.append(now + 2)})
     store = open_store(db_url)
     try:
-        assert applied == [2, 3]
-        assert store_db.schema_version(store) == 3
+        assert applied == [now + 1, now + 2]
+        assert store_db.schema_version(store) == now + 2
         open_store(db_url).dispose()  # already migrated: nothing runs again
-        assert applied == [2, 3]
+        assert applied == [now + 1, now + 2]
     finally:
         store.dispose()
 
