@@ -54,8 +54,8 @@ def _migrate_add_sweeps(conn: Connection) -> None:
         f"CREATE TABLE sweeps (id {key}, name VARCHAR(200), status VARCHAR(16) NOT NULL, "
         "spec JSON NOT NULL, points JSON NOT NULL, num_points INTEGER NOT NULL, "
         f"point_errors JSON NOT NULL, created_at {timestamp} NOT NULL, finished_at {timestamp}, "
-        "error TEXT, driver_pid INTEGER, driver_host VARCHAR(255), driver_started FLOAT, "
-        "PRIMARY KEY (id))"))
+        f"heartbeat_at {timestamp}, error TEXT, driver_pid INTEGER, driver_host VARCHAR(255), "
+        "driver_started FLOAT, PRIMARY KEY (id))"))
     # A nullable column with a NULL default: SQLite accepts a REFERENCES clause on ADD COLUMN
     # only then, and existing runs need no rewrite on either database.
     conn.execute(text("ALTER TABLE runs ADD COLUMN sweep_id INTEGER "

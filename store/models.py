@@ -224,6 +224,7 @@ class Sweep(Base):
     point_errors: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)  # the driver's, for remote
     error: Mapped[str | None] = mapped_column(Text)
     driver_pid: Mapped[int | None] = mapped_column(Integer)
     driver_host: Mapped[str | None] = mapped_column(String(255))

@@ -44,6 +44,7 @@ class SweepInfo:
     finished_at: datetime | None
     error: str | None
     driver_alive: bool  # the process driving a `running` sweep still exists (store.liveness)
+    # `status` reads "interrupted" for a sweep left `running` by a driver that is gone.
 
     @property
     def axis_names(self) -> list[str]:
@@ -52,7 +53,7 @@ class SweepInfo:
 
 def _driver_values() -> dict[str, Any]:
     return dict(driver_pid=os.getpid(), driver_host=this_host(),
-                driver_started=process_start_time())
+                driver_started=process_start_time(), heartbeat_at=utcnow())
 
 
 def create_sweep(store: Store, *, name: str | None, spec: dict[str, Any],
@@ -76,8 +77,10 @@ def _sweep_row(conn: Connection, sweep_id: int, store: Store, lock: bool = False
 
 def _info(row: Any) -> SweepInfo:
     alive = row.status == "running" and writer_alive(
-        row.driver_pid, row.driver_host, row.driver_started, None, utcnow())
-    return SweepInfo(row.id, row.name, row.status, dict(row.spec), list(row.points),
+        row.driver_pid, row.driver_host, row.driver_started, row.heartbeat_at, utcnow())
+    # A `running` sweep whose driver is gone reads as interrupted (a resume picks it up).
+    status = "interrupted" if row.status == "running" and not alive else row.status
+    return SweepInfo(row.id, row.name, status, dict(row.spec), list(row.points),
                      dict(row.point_errors or {}), row.created_at, row.finished_at, row.error,
                      alive)
 
@@ -101,6 +104,12 @@ def claim_sweep(store: Store, sweep_id: int) -> SweepInfo:
             status="running", finished_at=None, error=None, **_driver_values()))
     info.status = "running"
     return info
+
+
+def heartbeat(store: Store, sweep_id: int) -> None:
+    """The driver is alive (seen from other hosts, which cannot check its pid)."""
+    with store.write() as conn:
+        conn.execute(update(Sweep).where(Sweep.id == sweep_id).values(heartbeat_at=utcnow()))
 
 
 def end_sweep(store: Store, sweep_id: int, status: str, error: str | None = None) -> None:

@@ -2,7 +2,7 @@
 
     python cli.py sweep --base config.json --axis block_size=8,16,32 --axis kv_budget=4MiB,16MiB
         [--repeat N] [--sample N [--sample-seed S]] [--ray-address ADDR] [--max-parallel N]
-        [--retries N] [--name NAME] [--dry-run] [--db URL] [--json]
+        [--threads-per-point N] [--retries N] [--name NAME] [--dry-run] [--db URL] [--json]
     python cli.py sweep --resume SWEEP_ID [--db URL] ...     # runs only the missing points
     python cli.py sweeps [SWEEP_ID] [--json]                 # the sweeps, or one sweep's points
     python cli.py sweep-export SWEEP_ID FILE                 # one zip with every run
@@ -46,6 +46,9 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--ray-address", metavar="ADDR",
                        help="join this Ray cluster (default: start a local Ray)")
     sweep.add_argument("--max-parallel", type=int, help="points at once (default: Ray's CPUs)")
+    sweep.add_argument("--threads-per-point", type=int, metavar="N",
+                       help="CPUs (torch threads) each point takes (default: Ray's CPUs / "
+                            "--max-parallel)")
     sweep.add_argument("--retries", type=int, default=1,
                        help="times Ray reruns a point whose worker died (default 1)")
     sweep.add_argument("--dry-run", action="store_true", help="print the points; run nothing")
@@ -119,6 +122,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise SweepError("--resume runs the sweep's own points; leave out --base and --axis")
     if args.max_parallel is not None and args.max_parallel < 1:
         raise SweepError("--max-parallel must be at least 1")
+    if args.threads_per_point is not None and args.threads_per_point < 1:
+        raise SweepError("--threads-per-point must be at least 1")
     if args.retries < 0:
         raise SweepError("--retries must be >= 0")
     spec = _spec_from_args(args) if args.resume is None else None
@@ -134,6 +139,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         try:
             result = execute(store, sweep_id, ray_address=args.ray_address,
                              max_parallel=args.max_parallel, retries=args.retries,
+                             threads_per_point=args.threads_per_point,
                              on_progress=bar.update)
         except KeyboardInterrupt:
             bar.done()

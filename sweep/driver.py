@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 from engine.config import ConfigError, RunConfig
 from store import Store
 from store import sweeps as store_sweeps
+from store.liveness import HEARTBEAT_INTERVAL_S
 from sweep import ray_setup
 from sweep.spec import SweepError, SweepSpec, config_for, point_label
 
@@ -118,12 +119,16 @@ def _point_configs(info: store_sweeps.SweepInfo) -> list[RunConfig | None]:
 
 def execute(store: Store, sweep_id: int, *, ray_address: str | None = None,
             max_parallel: int | None = None, num_cpus: int | None = None, retries: int = 1,
+            threads_per_point: int | None = None,
             on_progress: Callable[[Progress], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> SweepResult:
     """Run the sweep's points that have no finished run; see the module docstring.
 
     `num_cpus` sizes a local Ray (default: all cores); `retries` is how often Ray reruns a
-    point whose worker died.
+    point whose worker died. Each point reserves `threads_per_point` CPUs and runs torch with
+    that many threads (default: the cluster's CPUs / `max_parallel`, so the points in flight
+    share the cores without oversubscribing them; see bench/sweep_scaling.py for when one
+    thread a point is the better choice).
     """
     info = store_sweeps.claim_sweep(store, sweep_id)
     try:
@@ -132,9 +137,14 @@ def execute(store: Store, sweep_id: int, *, ray_address: str | None = None,
             store_sweeps.end_sweep(store, sweep_id, "finished")
             return SweepResult(sweep_id, "finished", progress, 0)
         ray_setup.connect(ray_address, num_cpus)
+        progress.started_at = time.monotonic()  # pace (ETA, points/min) without Ray's start
         parallel = max(1, min(max_parallel or ray_setup.cluster_cpus(), max(1, len(todo))))
         result = SweepResult(sweep_id, "running", progress, parallel)
-        dispatcher = _Dispatcher(store, info, configs, result, retries)
+        threads = threads_per_point or max(1, ray_setup.cluster_cpus() // parallel)
+        if threads > ray_setup.max_node_cpus():
+            raise SweepError(f"{threads} threads per point is more than any Ray node has "
+                             f"({ray_setup.max_node_cpus()} CPUs); lower --threads-per-point")
+        dispatcher = _Dispatcher(store, info, configs, result, retries, threads)
     except BaseException as exc:
         store_sweeps.end_sweep(store, sweep_id, "failed", _one_line(exc))
         raise
@@ -171,14 +181,15 @@ class _Dispatcher:
     """Submits points as Ray tasks, `max_parallel` at a time, and records each outcome."""
 
     def __init__(self, store: Store, info: store_sweeps.SweepInfo,
-                 configs: list[RunConfig | None], result: SweepResult, retries: int) -> None:
+                 configs: list[RunConfig | None], result: SweepResult, retries: int,
+                 threads: int) -> None:
         import ray
 
         from sweep.worker import run_point
 
         self.store, self.info, self.configs, self.result = store, info, configs, result
         self.url = worker_url(store)
-        self.threads = max(1, ray_setup.cluster_cpus() // result.max_parallel)
+        self.threads = threads
         self.task = ray.remote(run_point).options(
             num_cpus=self.threads, max_retries=retries, retry_exceptions=False)
         self.in_flight: dict[Any, int] = {}
@@ -197,7 +208,11 @@ class _Dispatcher:
         import ray
 
         progress = self.result.progress
+        last_beat = time.monotonic()
         while queue or self.in_flight:
+            if time.monotonic() - last_beat > HEARTBEAT_INTERVAL_S:
+                store_sweeps.heartbeat(self.store, self.info.sweep_id)
+                last_beat = time.monotonic()
             if should_stop is not None and should_stop():
                 self.cancel_all()
                 self.result.status = "interrupted"

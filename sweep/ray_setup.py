@@ -86,6 +86,14 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def max_node_cpus() -> int:
+    """The most CPUs one live node has: a point cannot ask for more (Ray would never run it)."""
+    import ray
+
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return max(1, int(max(cpus, default=1)))
+
+
 def shutdown() -> None:
     """Stop the local Ray (or leave the cluster). A keeper thread, if any, stays parked."""
     import ray

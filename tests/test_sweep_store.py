@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -89,6 +91,12 @@ def test_a_version_1_database_is_migrated_to_sweeps(make_db_url) -> None:
     assert _schema(old) == _schema(fresh)  # the migration made what a new database has
 
 
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def _sweep(store, **errors: str) -> int:
     return store_sweeps.create_sweep(store, name="s", spec=SPEC, points=POINTS,
                                      point_errors={int(k[1:]): v for k, v in errors.items()})
@@ -149,7 +157,10 @@ def test_a_sweep_driven_by_another_live_process_cannot_be_claimed(trace_store) -
             driver_pid=parent, driver_host=this_host(), driver_started=process_start_time(parent)))
     with pytest.raises(StoreError, match="still being run by another process"):
         store_sweeps.claim_sweep(trace_store, sweep_id)
-    store_sweeps.end_sweep(trace_store, sweep_id, "interrupted")
+    with trace_store.write() as conn:  # a driver that was killed: the sweep reads interrupted
+        conn.execute(update(Sweep).where(Sweep.id == sweep_id).values(driver_pid=_dead_pid()))
+    assert store_sweeps.sweep_info(trace_store, sweep_id).status == "interrupted"
+    assert store_sweeps.list_sweeps(trace_store)["status"].tolist() == ["interrupted"]
     assert store_sweeps.claim_sweep(trace_store, sweep_id).status == "running"
     with pytest.raises(StoreError, match="no sweep 999"):
         store_sweeps.sweep_info(trace_store, 999)
