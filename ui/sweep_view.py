@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from store.sweeps import export_sweep
+from sweep.spec import format_value
 from ui import charts, resources
 from ui.live_sweep import LiveSweep
 from ui.widgets import REPLAY_PAGE
@@ -132,6 +133,10 @@ def _chart(finished: pd.DataFrame, axes: list[str], metrics: list[str]) -> None:
 
 def _points_table(points: pd.DataFrame, axes: list[str]) -> None:
     table = points.copy()
+    for axis in axes:  # sizes as typed (4MiB), not bytes
+        if axis in ("kv_budget", "kv_budget_bytes"):
+            table[axis] = [format_value(axis, v) if pd.notna(v) else None for v in table[axis]]
+    table["error"] = table["error"].fillna("")
     table["replay"] = [REPLAY_URL.format(r) if pd.notna(r) else None for r in table["run_id"]]
     wanted = ["point", *axes, "repeat", "status", "replay", *TABLE_METRICS, "attempts", "error"]
     if table["repeat"].max() == 0:
