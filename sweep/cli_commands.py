@@ -14,6 +14,7 @@ sweep (finished points are kept) and exits with 130.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -22,7 +23,15 @@ from pathlib import Path
 from engine.config import ConfigError, RunConfig
 from store import StoreError, open_store
 from store.cli_commands import add_db_argument
-from sweep.spec import SweepError, SweepSpec, load_base, parse_axis, point_label
+from sweep.spec import (
+    Axis,
+    SweepError,
+    SweepSpec,
+    axis_field,
+    load_base,
+    parse_axis,
+    point_label,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -92,10 +101,24 @@ def _spec_from_args(args: argparse.Namespace) -> SweepSpec:
                 raise SweepError(f"--base {text}: no such file; give a RunConfig JSON file")
             text = Path(text).read_text(encoding="utf-8")
         base = load_base(text, f"--base {args.base}")
-    spec = SweepSpec(base, [parse_axis(a) for a in args.axis], repeat=args.repeat,
-                     sample=args.sample, sample_seed=args.sample_seed, name=args.name)
+    axes = [parse_axis(a) for a in args.axis]
+    base, axes = _absolute_paths(base, axes)
+    spec = SweepSpec(base, axes, repeat=args.repeat, sample=args.sample,
+                     sample_seed=args.sample_seed, name=args.name)
     _check_workloads(spec, local=args.ray_address is None)
     return spec
+
+
+def _absolute_paths(base: RunConfig, axes: list[Axis]) -> tuple[RunConfig, list[Axis]]:
+    """Workload files relative to this folder, made absolute: a worker runs in Ray's copy of
+    the project, elsewhere."""
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    workload = dataclasses.replace(base.workload, path=absolute(base.workload.path))
+    axes = [Axis(a.name, [absolute(v) for v in a.values]) if axis_field(a.name) == "workload.path"
+            else a for a in axes]
+    return base.replace(workload=workload), axes
 
 
 def _check_workloads(spec: SweepSpec, *, local: bool) -> None:

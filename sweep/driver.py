@@ -199,8 +199,11 @@ class _Dispatcher:
         assert config is not None
         name = f"sweep {self.info.sweep_id} #{point} " + point_label(
             self.info.points[point]["values"])
-        ref = self.task.remote(self.url, config.to_json(), sweep_id=self.info.sweep_id,
-                               point=point, name=name.strip(), torch_threads=self.threads)
+        # Ray hides GPUs from tasks that do not reserve one (CUDA_VISIBLE_DEVICES=""), so a
+        # point that asks for CUDA reserves a GPU; "auto" stays on the CPU under Ray.
+        task = self.task.options(num_gpus=1) if config.device == "cuda" else self.task
+        ref = task.remote(self.url, config.to_json(), sweep_id=self.info.sweep_id,
+                          point=point, name=name.strip(), torch_threads=self.threads)
         self.in_flight[ref] = point
 
     def run(self, queue: deque[int], on_progress: Callable[[Progress], None] | None,

@@ -4,11 +4,12 @@ runs, and a small sweep on a local Ray end to end (run, list, resume, export).""
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
 import pytest
-from test_cli import cli
+from test_cli import ROOT, cli
 
 BASE = {"model": "tiny", "device": "cpu", "max_model_len": 128,
         "workload": {"kind": "synthetic", "num_requests": 3, "prompt_len_min": 16,
@@ -56,6 +57,16 @@ def test_dry_run_lists_the_points_and_their_failures(base_file):
     assert proc.returncode == 0, proc.stderr
     points = json.loads(proc.stdout)["points"]
     assert len(points) == 8 and [p["error"] is not None for p in points].count(True) == 2
+
+
+def test_relative_workload_files_become_absolute(tmp_path):
+    workload = tmp_path / "w.jsonl"
+    workload.write_text('{"prompt": "hi"}\n')
+    relative = os.path.relpath(workload, ROOT)  # cli() runs in the project folder
+    proc = cli("sweep", "--base", '{"workload": {"kind": "file", "path": "x"}}', "--axis",
+               f"workload.path={relative}", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["points"][0]["values"]["workload.path"] == str(workload)
 
 
 def test_a_sweep_runs_lists_resumes_and_exports(base_file, tmp_path):
