@@ -12,13 +12,16 @@
 3. Ray's cost per point: the 1-at-once (1 thread) sweep's time per point minus the time per
    point of the same 8 configs run directly in this process (1 torch thread, the same SQLite
    store, models loaded beforehand), interleaved with the sweeps.
-Every run is stored (SQLite in a temporary folder), as a sweep's runs always are.
+Every run is stored (SQLite in a temporary folder), as a sweep's runs always are. The machine's
+load average is printed with the figures: a second worker only helps when a core is free, so on
+a machine busy with other jobs the ratio tends to 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -75,6 +78,7 @@ CASES = {"one": (1, 1), "two": (2, 1), "one_2_threads": (1, 2)}  # (parallel, th
 def measure(rounds: int, cpus: int, with_2_threads: bool) -> dict:
     cases = [c for c in CASES if with_2_threads or c != "one_2_threads"]
     times: dict[str, list[float]] = {name: [] for name in (*cases, "direct")}
+    load_before = os.getloadavg()[0]  # a second worker needs a free core: report the load
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(f"sqlite:///{tmp}/bench.db")
         start = time.perf_counter()
@@ -94,6 +98,7 @@ def measure(rounds: int, cpus: int, with_2_threads: bool) -> dict:
         "ratio_2_vs_1_with_2_threads": round(m["two"] / m["one_2_threads"], 3)}
     return {
         "points": 8, "cpus": cpus, "rounds": rounds, "ray_start_s": round(ray_start, 2),
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "cold_sweep_2_at_once_s": round(cold, 2),
         "wall_1_at_once_s": round(m["one"], 2), "wall_2_at_once_s": round(m["two"], 2),
         "ratio_2_vs_1": round(m["two"] / m["one"], 3), "target_ratio": "< 0.65",
@@ -115,6 +120,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="figures as JSON on the last line")
     args = parser.parse_args()
     f = measure(args.rounds, args.cpus, args.with_2_threads)
+    print(f"load average (1 min) before/after: {f['load_avg_1min']} on {f['cpus']} CPUs")
     print(f"Ray start {f['ray_start_s']} s; cold 8-point sweep (2 at once, models loading) "
           f"{f['cold_sweep_2_at_once_s']} s")
     print(f"8-point tiny sweep, median of {f['rounds']}: 1 at once {f['wall_1_at_once_s']} s, "
