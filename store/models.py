@@ -31,7 +31,6 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 RUN_STATUSES = ("running", "finished", "failed", "interrupted")
-SWEEP_STATUSES = ("running", "finished", "failed", "interrupted")
 
 # Clustered storage for the big append-only tables on SQLite; other dialects ignore the option.
 _CLUSTERED = {"sqlite_with_rowid": False}

@@ -204,6 +204,7 @@ def _print_points(store, sweep_id: int) -> None:
     from store.sweeps import sweep_info, sweep_points
 
     df = sweep_points(store, sweep_id)
+    df["error"] = df["error"].fillna("").str.slice(0, 100)  # the run row has all of it
     axes = sweep_info(store, sweep_id).axis_names
     columns = ["point", *axes, "status", "run_id",
                *[c for c in SHOWN_COLUMNS if c in df.columns], "error"]
