@@ -5,6 +5,8 @@
         64MiB] [--no-prefix-caching] [--json] [--db URL]
     python cli.py runs | export RUN_ID FILE | import FILE | delete RUN_ID   (the trace store)
     python cli.py quality --kv-dtype int4 [--kv-rotate] [--json]   (a cache format's cost)
+    python cli.py sweep --base config.json --axis block_size=8,16 [--axis ...] (Ray sweeps;
+        see sweep/cli_commands.py) | sweeps [SWEEP_ID] | sweep-export SWEEP_ID FILE
 
 Bad input exits with status 2 and one line on stderr naming the problem and the fix.
 """
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from store.cli_commands import add_db_argument, register_commands
+    from sweep.cli_commands import register_commands as register_sweep_commands
 
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_commands(sub)
     quality_cli.register(sub, _add_engine_arguments, add_db_argument)
+    register_sweep_commands(sub)
     return parser
 
 

@@ -191,3 +191,34 @@ def _run_chart_spec(url: str, run_id: int, rev: str, name: str, last_step: int) 
 def run_chart_spec(run_id: int, rev: str, name: str, last_step: int) -> dict:
     """'blocks', 'requests' or a ui.analysis.SERIES_LABELS column, as a Vega-Lite dict."""
     return _run_chart_spec(db_url(), run_id, rev, name, last_step)
+
+
+# Sweeps ------------------------------------------------------------------------------------
+@st.cache_data(show_spinner=False, ttl=2, max_entries=16)
+def _list_sweeps(url: str) -> pd.DataFrame:
+    from store.sweeps import list_sweeps
+
+    return list_sweeps(_store(url))
+
+
+def list_sweeps() -> pd.DataFrame:
+    """Sweeps newest first with their point counts (store.sweeps.list_sweeps); a short TTL
+    because a running sweep's counts move."""
+    return _list_sweeps(db_url())
+
+
+@st.cache_data(show_spinner=False, ttl=2, max_entries=16)
+def _sweep_points(url: str, sweep_id: int, rev: str) -> pd.DataFrame:
+    from store.sweeps import sweep_points
+
+    return sweep_points(_store(url), sweep_id)
+
+
+def sweep_points(sweep_id: int, rev: str) -> pd.DataFrame:
+    """A sweep's points with their newest runs' summaries (store.sweeps.sweep_points)."""
+    return _sweep_points(db_url(), sweep_id, rev)
+
+
+def refresh_sweeps() -> None:
+    _list_sweeps.clear()
+    _sweep_points.clear()
