@@ -37,7 +37,7 @@ BUSY_TIMEOUT_MS = 30_000
 
 # The schema version this code writes. To change the schema: bump it and add a step to
 # MIGRATIONS that takes a database from version N-1 to N (plain DDL on the connection).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 def _migrate_add_block_groups(conn: Connection) -> None:
@@ -75,8 +75,14 @@ def _migrate_add_sweeps(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_runs_sweep_id ON runs (sweep_id)"))
 
 
+def _migrate_add_drop_reasons(conn: Connection) -> None:
+    """5: retention policies' `drop` events say why a block went (out of window, ...)."""
+    conn.execute(text("ALTER TABLE block_events ADD COLUMN reason TEXT"))
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
-    2: _migrate_add_block_groups, 3: _migrate_add_quality_results, 4: _migrate_add_sweeps}
+    2: _migrate_add_block_groups, 3: _migrate_add_quality_results, 4: _migrate_add_sweeps,
+    5: _migrate_add_drop_reasons}
 
 
 def utcnow() -> datetime:

@@ -133,6 +133,20 @@ def test_a_bad_layer_policy_is_explained_under_its_widget(store):
     assert not errors_beside(at, "cfg_policy") and not at.button(key="run").disabled
 
 
+def test_a_policy_preset_fills_the_policy_field_for_the_model(store):
+    at = open_page()
+    at.selectbox(key="cfg_policy_preset").set_value(
+        "full first and last layers, window elsewhere").run()
+    assert at.text_input(key="cfg_policy").value == "0:full; 1-28:window(4,256); 29:full"
+    at.selectbox(key="cfg_model").set_value("tiny").run()
+    options = at.selectbox(key="cfg_policy_preset").options
+    assert "full first and last layers, window elsewhere" not in options  # only 2 layers
+    at.selectbox(key="cfg_policy_preset").set_value(
+        "DuoAttention-style: half the KV heads full, the rest sink + window").run()
+    assert at.text_input(key="cfg_policy").value == "0-1/h0:full; 0-1/h1:window(4,128)"
+    assert not errors_beside(at, "cfg_policy")
+
+
 def test_a_bad_workload_file_names_the_line(store):
     at = open_page()
     at.radio(key="cfg_workload_kind").set_value("file").run()

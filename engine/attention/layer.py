@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.attention import scores
 from engine.attention.backends import TorchPagedAttention
 from engine.attention.metadata import AttentionMetadata
 from engine.kv_cache.storage import LayerCache
@@ -34,12 +35,19 @@ class Attention:
         group g's view of the step."""
         if len(self.caches) == 1:
             cache = self.caches[0]
-            return self.backend.forward(q, k, v, cache, metadata[cache.group_id])
+            return self._share(q, k, v, cache, metadata[cache.group_id])
         out = torch.empty_like(q)  # (T, H, D)
         for cache in self.caches:
             heads = slice(cache.kv_heads.start, cache.kv_heads.stop)
             # query head j*G + g reads KV head j (the layout transformers' repeat_kv assumes)
             q_heads = slice(heads.start * self.group, heads.stop * self.group)
-            out[:, q_heads] = self.backend.forward(
-                q[:, q_heads], k[:, heads], v[:, heads], cache, metadata[cache.group_id])
+            out[:, q_heads] = self._share(q[:, q_heads], k[:, heads], v[:, heads], cache,
+                                          metadata[cache.group_id])
+        return out
+
+    def _share(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
+               meta: AttentionMetadata) -> torch.Tensor:
+        out = self.backend.forward(q, k, v, cache, meta)
+        if meta.mass_mode is not None:  # a policy that scores blocks (h2o, snapkv)
+            scores.accumulate(q, cache, meta, self.backend, self.backend.scale)
         return out
