@@ -11,7 +11,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from store import StoreError, export_run, import_run
+from store import DuplicateImportError, StoreError, export_run, import_run
 from ui import analysis, charts, resources
 from ui.live_run import LiveRun
 
@@ -117,10 +117,12 @@ def step_figures(row: pd.Series) -> str:
 
 def runs_table(runs: pd.DataFrame) -> None:
     """Recent runs with their headline figures."""
-    wanted = ["run_id", "name", "status", "model", "device", "created_at", "num_steps",
-              "output_tokens_per_s", "prefix_hit_rate", "num_preemptions"]
+    wanted = ["run_id", "name", "status", "imported", "model", "device", "created_at",
+              "num_steps", "output_tokens_per_s", "prefix_hit_rate", "num_preemptions"]
     st.dataframe(runs[[c for c in wanted if c in runs.columns]], hide_index=True,
                  column_config={"prefix_hit_rate": st.column_config.NumberColumn(format="%.2f"),
+                                "imported": st.column_config.CheckboxColumn(
+                                    help="added from a trace file"),
                                 "output_tokens_per_s": st.column_config.NumberColumn(
                                     "tokens/s", format="%.1f")})
 
@@ -162,21 +164,39 @@ def download_run_button(run_id: int) -> None:
 
 
 def upload_run_widget(key: str = "import") -> int | None:
-    """Import a trace file; returns the new run id once imported."""
+    """Import a trace file; returns the new run id once imported.
+
+    A file that was imported before is not imported again on its own: the page names the run
+    it became and offers "Import a copy anyway".
+    """
     upload = st.file_uploader("Import a trace file (.kvtrace.zip)", type=["zip"], key=key)
     if upload is None:
         return None
     done = st.session_state.setdefault(f"{key}_done", {})
     token = f"{upload.name}:{upload.size}:{getattr(upload, 'file_id', '')}"
+    copy_key = f"{key}_copy_of"  # set to the upload's token by the copy button
     if token not in done:  # a rerun must not import the same upload twice
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(upload.name).name
-            path.write_bytes(upload.getvalue())
-            try:
-                done[token] = import_run(resources.get_store(), path)
-            except StoreError as e:
-                st.error(f"Cannot import {upload.name}: {e}")
-                return None
+        allow_copy = st.session_state.pop(copy_key, None) == token
+        try:
+            done[token] = _import_upload(upload, allow_copy=allow_copy)
+        except DuplicateImportError as e:
+            st.warning(f"{upload.name} is already imported as run #{e.run_id}; nothing was "
+                       "added.", icon="♻️")
+            replay_link(e.run_id, f"Open run #{e.run_id}")
+            st.button("Import a copy anyway", key=f"{key}_copy", icon="➕",
+                      on_click=st.session_state.__setitem__, args=(copy_key, token),
+                      help="Add a second, identical run from this file")
+            return None
+        except StoreError as e:
+            st.error(f"Cannot import {upload.name}: {e}")
+            return None
         resources.refresh_runs()
     st.success(f"Imported {upload.name} as run #{done[token]}.")
     return done[token]
+
+
+def _import_upload(upload: Any, *, allow_copy: bool) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(upload.name).name
+        path.write_bytes(upload.getvalue())
+        return import_run(resources.get_store(), path, allow_copy=allow_copy)
