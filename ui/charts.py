@@ -1,7 +1,7 @@
 """Time-series chart builders: DataFrame in, `alt.Chart` out.
 
-Every builder takes the frame ui.analysis produced and, optionally, the current step, drawn as a
-red rule so Replay's charts follow its slider.
+Every builder takes the frame ui.analysis produced. Replay's charts follow its slider through
+`with_step_rule`, which layers the current step as a red rule onto a spec built once per run.
 """
 
 from __future__ import annotations
@@ -41,19 +41,11 @@ def with_step_rule(spec: dict[str, Any], step: int, color: str = "#dc2626") -> d
     return out
 
 
-def _with_rule(chart: alt.Chart, step: int | None) -> alt.Chart | alt.LayerChart:
-    if step is None:
-        return chart
-    rule = alt.Chart(pd.DataFrame({"step": [step]})).mark_rule(color="#dc2626", strokeWidth=2)
-    return alt.layer(chart, rule.encode(x="step:Q"))
-
-
-def series_chart(df: pd.DataFrame, column: str, *, step: int | None = None,
-                 title: str | None = None) -> alt.Chart | alt.LayerChart:
-    """One per-step series of one run as a line, with an optional rule at `step`."""
+def series_chart(df: pd.DataFrame, column: str, *, title: str | None = None) -> alt.Chart:
+    """One per-step series of one run as a line."""
     label = title or SERIES_LABELS.get(column, column)
     data = df[["step", column]] if not df.empty else pd.DataFrame({"step": [], column: []})
-    chart = (
+    return (
         alt.Chart(data, title=label)
         .mark_line(interpolate="step-after")
         .encode(
@@ -63,14 +55,12 @@ def series_chart(df: pd.DataFrame, column: str, *, step: int | None = None,
                      alt.Tooltip(f"{column}:Q", title=label, format=",.3~f")],
         )
     )
-    return _with_rule(chart, step)
 
 
-def block_mix_chart(mix: pd.DataFrame, *, step: int | None = None,
-                    title: str = "KV blocks") -> alt.Chart | alt.LayerChart:
+def block_mix_chart(mix: pd.DataFrame, *, title: str = "KV blocks") -> alt.Chart:
     """Stacked area of blocks in use / free but cached / free per step (ui.analysis.block_mix)."""
     order = list(STATE_COLOURS)
-    chart = (
+    return (
         alt.Chart(mix, title=title)
         .mark_area(interpolate="step-after")
         .encode(
@@ -84,11 +74,10 @@ def block_mix_chart(mix: pd.DataFrame, *, step: int | None = None,
         )
         .transform_calculate(state_order=f"indexof({order!r}, datum.state)")
     )
-    return _with_rule(chart, step)
 
 
 def overlay_chart(df: pd.DataFrame, column: str, *, title: str | None = None) -> alt.Chart:
-    """The same series of several runs (ui.analysis.compare_frame), one colour per run."""
+    """The same series of several runs (ui.analysis.stack_runs), one colour per run."""
     label = title or SERIES_LABELS.get(column, column)
     return (
         alt.Chart(df[["run", "step", column]], title=label)

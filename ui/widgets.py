@@ -99,6 +99,9 @@ def summary_metrics(summary: dict[str, Any]) -> None:
     for row in (tiles[:4], tiles[4:]):
         for col, (label, value) in zip(st.columns(4), row, strict=True):
             col.metric(label, value)
+    if summary.get("gpu_note"):  # once per run: the steps' GPU columns are empty, and why
+        st.caption(summary["gpu_note"], help="GPU memory, utilisation and power come from "
+                   "NVIDIA's NVML; without it the charts show what torch and the OS report")
 
 
 def step_figures(row: pd.Series) -> str:
