@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from engine.config import ConfigError
@@ -59,7 +60,8 @@ def rows(spec: dict[str, Any], view: dict[str, Any] | None = None) -> list[dict[
     data = (view or {}).get("data") or spec["data"]
     if "values" in data:
         return data["values"]
-    return spec["datasets"][data["name"]]
+    named = spec["datasets"][data["name"]]
+    return named.to_pylist() if isinstance(named, pa.Table) else named
 
 
 def test_series_chart_draws_one_line_of_the_column():
@@ -94,14 +96,43 @@ def test_with_step_rule_layers_a_rule_on_a_copy():
     spec = charts.series_chart(analysis.step_metrics(steps_frame(6)), "hit_rate").to_dict()
     ruled = charts.with_step_rule(spec, 4)
     assert "layer" not in spec and spec["mark"]["type"] == "line"  # the cached spec is intact
+    assert list(spec["datasets"]) != [charts.STEP_RULE_DATA]
     line, rule = ruled["layer"]
     assert line["mark"]["type"] == "line" and encodings(line)["y"] == ("hit_rate", "quantitative")
-    assert rule["mark"]["type"] == "rule" and rule["data"]["values"] == [{"step": 4}]
+    assert rule["mark"]["type"] == "rule" and rows(ruled, rule) == [{"step": 4}]
     assert encodings(rule)["x"] == ("step", "quantitative")
     assert len(rows(ruled, line)) == 6  # the line keeps its data
-    again = charts.with_step_rule(ruled, 5, color="#111827")
-    assert [layer["mark"]["type"] for layer in again["layer"]] == ["line", "rule", "rule"]
-    assert again["layer"][-1]["mark"]["color"] == "#111827"
+    # Only the data differs from step to step: the browser keeps the chart and swaps its data.
+    later = charts.with_step_rule(spec, 5)
+    assert rows(later, later["layer"][1]) == [{"step": 5}]
+    assert {k: v for k, v in later.items() if k != "datasets"} == \
+        {k: v for k, v in ruled.items() if k != "datasets"}
+
+
+def test_with_step_rule_goes_on_top_of_a_layered_chart():
+    layered = {"layer": [{"mark": {"type": "bar"}, "encoding": {}}],
+               "data": {"values": [{"step": 1}]}}
+    ruled = charts.with_step_rule(layered, 2, color="#111827")
+    assert [layer["mark"]["type"] for layer in ruled["layer"]] == ["bar", "rule"]
+    assert ruled["layer"][-1]["mark"]["color"] == "#111827"
+    assert list(ruled["datasets"]) == [charts.STEP_RULE_DATA]
+    assert rows(ruled, ruled["layer"][-1]) == [{"step": 2}]
+    assert len(layered["layer"]) == 1 and "datasets" not in layered
+
+
+@pytest.mark.parametrize("name", ["tokens_per_s", "hit_rate", "preemptions", "blocks"])
+def test_live_spec_draws_what_the_altair_builder_draws(name):
+    df = analysis.step_metrics(steps_frame(9))
+    rows_in = analysis.block_mix(df) if name == "blocks" else df
+    built = (charts.block_mix_chart(rows_in) if name == "blocks"
+             else charts.series_chart(rows_in, name)).to_dict()
+    live = charts.live_spec(name, rows_in)
+    view_keys = ("mark", "encoding", "transform", "title")
+    assert {k: live.get(k) for k in view_keys} == {k: built.get(k) for k in view_keys}
+    assert live["data"] == {"name": charts.LIVE_DATA}
+    assert rows(live) == rows(built)  # same rows, same order, only the drawn columns
+    live["datasets"].clear()  # Streamlit edits the specs it is given: the template stays whole
+    assert len(rows(charts.live_spec(name, rows_in))) == len(rows(built)) > 0
 
 
 def test_overlay_chart_colours_each_run():

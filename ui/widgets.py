@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 
@@ -31,20 +30,16 @@ def sidebar_nav() -> None:
         st.divider()
 
 
-def _chart(chart: alt.TopLevelMixin) -> None:
-    st.altair_chart(chart, width="stretch")
-
-
 def live_charts(steps: pd.DataFrame) -> None:
     """Throughput, blocks used/free/cached, hit rate and preemptions of a run so far."""
     df = analysis.downsample(analysis.step_metrics(steps))
     left, right = st.columns(2)
     with left:
-        _chart(charts.series_chart(df, "tokens_per_s"))
-        _chart(charts.series_chart(df, "hit_rate"))
+        st.vega_lite_chart(charts.live_spec("tokens_per_s", df), width="stretch")
+        st.vega_lite_chart(charts.live_spec("hit_rate", df), width="stretch")
     with right:
-        _chart(charts.block_mix_chart(analysis.block_mix(df)))
-        _chart(charts.series_chart(df, "preemptions"))
+        st.vega_lite_chart(charts.live_spec("blocks", analysis.block_mix(df)), width="stretch")
+        st.vega_lite_chart(charts.live_spec("preemptions", df), width="stretch")
 
 
 def _progress_text(live: LiveRun) -> str:
