@@ -4,6 +4,9 @@
     python cli.py run [--model smollm2|tiny] [--workload NAME|FILE] [--num-blocks N | --kv-budget
         64MiB] [--no-prefix-caching] [--json] [--db URL]
     python cli.py runs | export RUN_ID FILE | import FILE [--copy] | delete RUN_ID   (the store)
+    python cli.py quality --kv-dtype int4 [--kv-rotate] [--json]   (a cache format's cost)
+    python cli.py sweep --base config.json --axis block_size=8,16 [--axis ...] (Ray sweeps;
+        see sweep/cli_commands.py) | sweeps [SWEEP_ID] | sweep-export SWEEP_ID FILE
 
 Bad input exits with status 2 and one line on stderr naming the problem and the fix.
 """
@@ -14,6 +17,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import quality_cli
 
 EXIT_BAD_INPUT = 2
 
@@ -34,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from store.cli_commands import add_db_argument, register_commands
+    from sweep.cli_commands import register_commands as register_sweep_commands
 
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-num-seqs", type=int, default=8)
     run.add_argument("--max-num-batched-tokens", type=int, default=512)
     run.add_argument("--max-model-len", type=int)
-    run.add_argument("--kv-dtype", default="auto")
+    run.add_argument("--kv-dtype", default="auto",
+                     help="auto (the weights' dtype), fp32, bf16, fp16, fp8, int8 or int4")
+    run.add_argument("--kv-rotate", action="store_true",
+                     help="Hadamard-rotate keys and queries before quantizing (fp8/int8/int4)")
     run.add_argument("--policy", default="full",
                      help="what each layer (or KV head range) keeps, e.g. full or "
                           "'0-14:full; 15-29:full' (one KV cache group per range)")
@@ -70,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     register_commands(sub)
+    quality_cli.register(sub, _add_engine_arguments, add_db_argument)
+    register_sweep_commands(sub)
     return parser
 
 
@@ -163,7 +174,8 @@ def _config_from_args(args: argparse.Namespace, max_model_len: int | None):
                 kv_budget_bytes=parse_bytes(args.kv_budget) if args.kv_budget else None,
                 enable_prefix_caching=args.prefix_caching, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_dtype=args.kv_dtype,
-                policy=args.policy, keyframe_interval=args.keyframe_interval,
+                policy=args.policy, kv_rotate=args.kv_rotate,
+                keyframe_interval=args.keyframe_interval,
                 workload=_workload_spec(args.workload),
             )
         config = RunConfig(**knobs)

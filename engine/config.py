@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.kv_cache.layout import PolicyError, make_groups, parse_policy
-from engine.kv_cache.spec import KVCacheGroup
+from engine.kv_cache.spec import KV_FORMATS, QUANTIZED_BITS, KVCacheGroup
 from engine.models.config import MODEL_CONFIGS, LlamaConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-KV_DTYPES = ("auto", "fp32", "bf16", "fp16")  # "auto": the model's dtype
+KV_DTYPES = ("auto", *KV_FORMATS)  # "auto": the model's dtype; see engine/kv_cache/spec.py
 WORKLOAD_KINDS = ("synthetic", "file", "preset")
 
 
@@ -103,7 +103,8 @@ class RunConfig:
     model: str = "smollm2"  # key of engine.models.config.MODEL_CONFIGS
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA
-    kv_dtype: str = "auto"  # auto: same as dtype
+    kv_dtype: str = "auto"  # auto: same as dtype; fp8, int8, int4 store full blocks quantized
+    kv_rotate: bool = False  # Hadamard-rotate keys and queries before quantizing (not fp32..)
     block_size: int = 16  # tokens per KV block
     # what each layer (and KV head range) keeps: "full", or e.g. "0-14:full; 15-29:full",
     # which also splits the cache into groups (engine/kv_cache/layout.py)
@@ -148,10 +149,15 @@ class RunConfig:
             raise ConfigError("max_model_len", f"must be in 1..{context} (the model's context)")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError("num_blocks", "must be at least 1")
+        if self.kv_rotate and self.kv_dtype not in QUANTIZED_BITS:
+            raise ConfigError("kv_rotate", "a Hadamard rotation only changes a quantized cache; "
+                              "choose kv_dtype fp8, int8 or int4, or turn it off")
         try:
             groups = self.kv_groups()
         except PolicyError as exc:
             raise ConfigError("policy", str(exc).removeprefix("policy: ")) from exc
+        except ValueError as exc:  # a format this model's shapes cannot take
+            raise ConfigError("kv_dtype", str(exc)) from exc
         needed = len(groups) * math.ceil(self.resolved_max_model_len / bs)
         have = self.resolved_num_blocks
         if have < needed:
@@ -194,7 +200,8 @@ class RunConfig:
             self.dtype if self.dtype != "auto" else "fp32"))
         model = self.model_config
         regions = parse_policy(self.policy, model.num_layers, model.num_kv_heads)
-        return make_groups(regions, lambda heads: model.kv_cache_spec(self.block_size, kv, heads))
+        return make_groups(regions, lambda heads: model.kv_cache_spec(self.block_size, kv, heads,
+                                                                      self.kv_rotate))
 
     @property
     def kv_bytes_per_block(self) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from engine.config import RunConfig
 from engine.kv_cache.manager import KVCacheManager
+from engine.kv_cache.residual import residual_capacity
 from engine.kv_cache.storage import PagedKVCache
 from engine.model_runner import ModelRunner
 from engine.models.loader import LoadedModel
@@ -45,7 +46,11 @@ class LLMEngine:
         # page size of the cache's real dtype.
         self.kv_groups = config.kv_groups(self.kv_dtype_name)
         self.num_blocks = config.num_blocks_for(self.kv_groups[0].page_size_bytes)
-        self.kv_cache = PagedKVCache(self.kv_groups, self.num_blocks, self.device)
+        self.kv_cache = PagedKVCache(
+            self.kv_groups, self.num_blocks, self.device,
+            residual_slots=residual_capacity(config.max_num_batched_tokens, config.max_num_seqs,
+                                             config.block_size),
+            residual_dtype=loaded.dtype)
         self.kv_cache_manager = KVCacheManager(self.kv_groups, self.num_blocks,
                                                config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -111,6 +116,9 @@ class LLMEngine:
         now = time.monotonic() - clock_start
         finished = self._update_sequences(sched, tokens, now, request_events)
         block_events = self.kv_cache_manager.drain_events()
+        if self.kv_cache.residual is not None:  # open blocks the pool took back
+            self.kv_cache.residual.release([e.block_id for e in block_events if e.ref_count == 0
+                                            and e.kind in ("free", "free_head")])
         record = self._step_record(sched, block_events, num_decode, len(tokens), started,
                                    clock_start)
         return StepOutput(record, block_events, request_events, finished)

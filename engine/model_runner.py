@@ -52,11 +52,16 @@ class ModelRunner:
         whose chunk ends at the last token of `seq.token_ids`, in batch order."""
         with torch.inference_mode():
             inputs = self.prepare(batch)
-            if inputs.fresh_blocks is not None:
+            if inputs.fresh_blocks is not None and self.kv_cache.residual is None:
+                # (quantized pages are written whole; their residual slots are zeroed instead)
                 self.kv_cache.zero_blocks(inputs.fresh_blocks)
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata,
                                 self.attention)  # (T, C)
-            return self.model.compute_logits(hidden[inputs.logits_indices])  # (N, V)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (N, V)
+        if self.kv_cache.residual is not None:  # completed blocks are quantized now
+            for meta in inputs.metadata:
+                self.kv_cache.residual.release(meta.complete_blocks.tolist())
+        return logits
 
     @staticmethod
     def is_decode(seq: Sequence, n: int) -> bool:
@@ -122,7 +127,34 @@ class ModelRunner:
             decode_context_lens=self._to_device(dec_pos + 1),
             decode_block_tables=self._to_device(dec_tables),
         )
+        if self.kv_cache.residual is not None:
+            self._residual_metadata(meta, flat_slots, tables, context_lens, dec_tables, dec_pos)
         return meta, flat_slots
+
+    def _residual_metadata(self, meta: AttentionMetadata, flat_slots: np.ndarray,
+                           tables: list[np.ndarray], context_lens: list[int],
+                           dec_tables: np.ndarray, dec_pos: np.ndarray) -> None:
+        """Quantized caches: route every new token to its block's full-precision residual slot,
+        list the blocks completed this step, and each request's open last block."""
+        residual, bs = self.kv_cache.residual, self.block_size
+        blocks, offsets = flat_slots // bs, flat_slots % bs
+        slot_of = {int(b): residual.slot_for(int(b)) for b in np.unique(blocks)}
+        slot_ids = np.fromiter((slot_of[int(b)] for b in blocks), np.int64, len(blocks))
+        done = np.unique(blocks[offsets == bs - 1])
+        meta.residual_slot_mapping = self._to_device(slot_ids * bs + offsets)
+        meta.complete_blocks = self._to_device(done)
+        meta.complete_slots = self._to_device(
+            np.fromiter((slot_of[int(b)] for b in done), np.int64, len(done)))
+
+        def tail(table: np.ndarray, context_len: int) -> int:
+            if context_len % bs == 0:  # its last block is full: quantized this step or before
+                return -1
+            return residual.slot_for(int(table[(context_len - 1) // bs]))
+
+        meta.prefill_tail_slots = [tail(t, n) for t, n in zip(tables, context_lens, strict=True)]
+        meta.decode_tail_slots = self._to_device(np.fromiter(
+            (tail(dec_tables[r], int(p) + 1) for r, p in enumerate(dec_pos)), np.int64,
+            len(dec_pos)))
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)

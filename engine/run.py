@@ -21,10 +21,24 @@ from engine.workload import WorkloadRequest, build_workload
 IDLE_POLL_S = 0.02  # how often an idle run checks should_stop while it waits for an arrival
 
 
-def load_model_for(config: RunConfig) -> LoadedModel:
+ModelKey = tuple[str, str, str, int]  # (model, device type, dtype, weights seed)
+
+
+def model_key(config: RunConfig) -> ModelKey:
+    """What tells two loaded models apart: the seed only picks the weights of random models,
+    so every config of the real model shares one load (the dashboard caches by this key)."""
     device = resolve_device(config.device)
-    dtype = torch_dtype(config.resolved_dtype(device.type))
-    return load_model(config.model, device, dtype, seed=config.seed)
+    seed = 0 if config.model == "smollm2" else config.seed
+    return config.model, device.type, config.resolved_dtype(device.type), seed
+
+
+def load_model_by_key(key: ModelKey) -> LoadedModel:
+    name, device, dtype, seed = key
+    return load_model(name, resolve_device(device), torch_dtype(dtype), seed=seed)
+
+
+def load_model_for(config: RunConfig) -> LoadedModel:
+    return load_model_by_key(model_key(config))
 
 
 def run(

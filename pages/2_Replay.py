@@ -36,7 +36,9 @@ with top[2]:
     st.page_link(widgets.COMPARE_PAGE, label="Compare runs", icon="⚖️")
 
 st.caption(f"{info.status} · model {info.model or info.config.model} · device {info.device} · "
-           f"{info.config.resolved_num_blocks} blocks of {info.config.block_size} tokens · "
+           f"{info.summary.get('num_blocks', info.config.resolved_num_blocks)} blocks of "
+           f"{info.config.block_size} tokens · "
+           f"{len(info.config.kv_groups())} KV cache group(s), policy {info.config.policy} · "
            f"prefix caching {'on' if info.config.enable_prefix_caching else 'off'} · "
            f"created {info.created_at:%Y-%m-%d %H:%M}")
 with st.expander("Summary and settings"):
@@ -72,6 +74,7 @@ speed = controls[1].selectbox("steps per tick", SPEEDS, key="replay_speed",
                               label_visibility="collapsed",
                               format_func=lambda s: f"{s} step{'s' if s > 1 else ''}/tick")
 events = resources.request_events(run_id, rev)
+lanes = block_grid.group_labels(info.config)  # one grid lane per KV cache group
 specs = {name: resources.run_chart_spec(run_id, rev, name, last)
          for name in ("tokens_per_s", "blocks", "hit_rate", "evictions", "requests")}
 
@@ -92,7 +95,7 @@ def step_view() -> None:
     row = steps.loc[steps["step"] == step]
     grid_col, side = st.columns([3, 2])
     with grid_col:
-        frame = block_grid.block_frame(state)
+        frame = block_grid.block_frame(state, group_labels=lanes)
         st.vega_lite_chart(block_grid.block_grid_spec(frame, title=f"KV blocks after step {step}"),
                            width="content")
     with side:

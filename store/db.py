@@ -37,7 +37,7 @@ BUSY_TIMEOUT_MS = 30_000
 
 # The schema version this code writes. To change the schema: bump it and add a step to
 # MIGRATIONS that takes a database from version N-1 to N (plain DDL on the connection).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 
 
 def _migrate_add_block_groups(conn: Connection) -> None:
@@ -46,16 +46,46 @@ def _migrate_add_block_groups(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE block_events ADD COLUMN group_id BIGINT NOT NULL DEFAULT 0"))
 
 
+def _migrate_add_quality_results(conn: Connection) -> None:
+    """3: quality evaluations (KL, top-1, perplexity of a cache format against fp32)."""
+    Base.metadata.tables["quality_results"].create(conn, checkfirst=True)
+
+
+def _migrate_add_sweeps(conn: Connection) -> None:
+    """4: the `sweeps` table (store.models.Sweep) and `runs.sweep_id`/`sweep_point`.
+
+    Written out rather than created from the ORM so that it stays what version 4 was when the
+    models change later; the column types are those SQLAlchemy emits for the models on each
+    dialect, so a migrated database and a new one have the same schema.
+    """
+    postgres = conn.dialect.name == "postgresql"
+    key = "SERIAL NOT NULL" if postgres else "INTEGER NOT NULL"
+    timestamp = "TIMESTAMP WITHOUT TIME ZONE" if postgres else "DATETIME"
+    conn.execute(text(
+        f"CREATE TABLE sweeps (id {key}, name VARCHAR(200), status VARCHAR(16) NOT NULL, "
+        "spec JSON NOT NULL, points JSON NOT NULL, num_points INTEGER NOT NULL, "
+        f"point_errors JSON NOT NULL, created_at {timestamp} NOT NULL, finished_at {timestamp}, "
+        f"heartbeat_at {timestamp}, error TEXT, driver_pid INTEGER, driver_host VARCHAR(255), "
+        "driver_started FLOAT, PRIMARY KEY (id))"))
+    # A nullable column with a NULL default: SQLite accepts a REFERENCES clause on ADD COLUMN
+    # only then, and existing runs need no rewrite on either database.
+    conn.execute(text("ALTER TABLE runs ADD COLUMN sweep_id INTEGER "
+                      "REFERENCES sweeps (id) ON DELETE SET NULL"))
+    conn.execute(text("ALTER TABLE runs ADD COLUMN sweep_point INTEGER"))
+    conn.execute(text("CREATE INDEX ix_runs_sweep_id ON runs (sweep_id)"))
+
+
 def _migrate_add_import_hash(conn: Connection) -> None:
-    """3: imported runs. The SHA-256 of the trace file a run was imported from (NULL for runs
+    """5: imported runs. The SHA-256 of the trace file a run was imported from (NULL for runs
     recorded here, so every older run reads as recorded here); indexed because every import
     looks its hash up. The index name is the one `index=True` gives a fresh database."""
     conn.execute(text("ALTER TABLE runs ADD COLUMN import_sha256 VARCHAR(64)"))
     conn.execute(text("CREATE INDEX ix_runs_import_sha256 ON runs (import_sha256)"))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _migrate_add_block_groups,
-                                                        3: _migrate_add_import_hash}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    2: _migrate_add_block_groups, 3: _migrate_add_quality_results, 4: _migrate_add_sweeps,
+    5: _migrate_add_import_hash}
 
 
 def utcnow() -> datetime:

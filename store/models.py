@@ -33,6 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from engine.quality_result import QualityResult
 from engine.trace import BlockEvent, RequestEvent, RequestRecord, StepRecord
 from store.trace_columns import sql_columns
 
@@ -98,6 +99,10 @@ class Run(Base):
     peak_blocks_used: Mapped[int | None] = mapped_column(Integer)
     num_preemptions: Mapped[int | None] = mapped_column(Integer)
     num_evictions: Mapped[int | None] = mapped_column(Integer)
+    # A run made by a sweep: which sweep and which of its points (store.sweeps).
+    sweep_id: Mapped[int | None] = mapped_column(
+        ForeignKey("sweeps.id", ondelete="SET NULL"), index=True)
+    sweep_point: Mapped[int | None] = mapped_column(Integer)
 
 
 # Core handle for queries that want plain rows (attribute access by column name), no ORM session.
@@ -161,3 +166,47 @@ class KeyframeRow(Base):
 
 
 CHILD_TABLES = (Step, BlockEventRow, RequestEventRow, RequestRow, KeyframeRow)
+
+
+class QualityRow(Base):
+    """One quality evaluation (`cli.py quality`, the Quality page): the figures of
+    engine.quality_result.QualityResult (same names) and the RunConfig evaluated."""
+
+    __table__ = Table(
+        "quality_results", Base.metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("created_at", DateTime, index=True),
+        Column("config_json", Text),
+        *sql_columns(QualityResult),
+    )
+
+
+class Sweep(Base):
+    """A what-if sweep: a base RunConfig and axes (`spec`), expanded into `points`.
+
+    Its runs point to it (`Run.sweep_id`, `Run.sweep_point`); a point's outcome is its newest
+    run. `point_errors` holds the driver's record of points that failed (a config invalid
+    only in combination, a task that raised, a worker that died), keyed by the point index
+    as a string; it overrides an unfinished newest run. Only the sweep's driver writes this
+    row; `driver_*` identify it the way `Run.writer_*` identify a run's writer
+    (store.liveness). Status moves running ->
+    finished | interrupted | failed; a finished sweep may still hold failed points.
+    Schema version 4 (store.db._migrate_add_sweeps).
+    """
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # base config, axes, repeat, sample
+    points: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # {"values", "repeat"} by index
+    num_points: Mapped[int] = mapped_column(Integer)
+    point_errors: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)  # the driver's, for remote
+    error: Mapped[str | None] = mapped_column(Text)
+    driver_pid: Mapped[int | None] = mapped_column(Integer)
+    driver_host: Mapped[str | None] = mapped_column(String(255))
+    driver_started: Mapped[float | None] = mapped_column(Float)

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-from sqlalchemy import BigInteger, Column, Float, Integer, SmallInteger, Text
+from sqlalchemy import BigInteger, Boolean, Column, Float, Integer, SmallInteger, Text
 
-_SCALARS = ("int", "float", "str")
+_SCALARS = ("int", "float", "str", "bool")
 
 
 @dataclass(frozen=True, slots=True)
 class TraceColumn:
     name: str
-    kind: str  # "int" | "float" | "str"; "list[...]" for keyframe arrays
+    kind: str  # "int" | "float" | "str" | "bool"; "list[...]" for keyframe arrays
     nullable: bool
     codes: tuple[str, ...] | None = None  # stored as an index into these names
     has_default: bool = False
@@ -68,7 +68,7 @@ def sql_columns(cls: type, primary: tuple[str, ...] = ()) -> list[Column]:
         elif c.kind == "int":
             type_ = Integer() if c.name in primary else BigInteger()
         else:
-            type_ = Float() if c.kind == "float" else Text()
+            type_ = {"float": Float(), "bool": Boolean()}.get(c.kind, Text())
         out.append(Column(c.name, type_, primary_key=c.name in primary,
                           nullable=c.nullable and c.name not in primary))
     return out
@@ -100,7 +100,7 @@ def decode_codes(rows: list[tuple], columns: tuple[TraceColumn, ...]) -> list[tu
 # pandas and Arrow ------------------------------------------------------------------------------
 def pandas_dtypes(cls: type) -> dict[str, str]:
     """Reader DataFrame dtypes: nullable integers as pandas' `Int64`, kinds as names."""
-    mapping = {"int": "int64", "float": "float64", "str": "object"}
+    mapping = {"int": "int64", "float": "float64", "str": "object", "bool": "bool"}
     return {c.name: ("Int64" if c.kind == "int" and c.nullable else mapping.get(c.kind, "object"))
             for c in trace_columns(cls)}
 
@@ -109,7 +109,8 @@ def _arrow_type(kind: str) -> pa.DataType:
     if kind.startswith("list["):
         inner = kind.removeprefix("list[").removesuffix("]").removesuffix("| None").strip()
         return pa.list_(_arrow_type(inner))
-    return {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}[kind]
+    return {"int": pa.int64(), "float": pa.float64(), "str": pa.string(),
+            "bool": pa.bool_()}[kind]
 
 
 def arrow_schema(cls: type, exclude: tuple[str, ...] = ()) -> pa.Schema:

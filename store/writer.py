@@ -100,6 +100,8 @@ class RunWriter:
         tags: Sequence[str] = (),
         *,
         on_open: Callable[[int], None] | None = None,
+        sweep_id: int | None = None,
+        sweep_point: int | None = None,
         flush_interval_s: float = 0.25,
         max_batch_steps: int = 256,
         max_pending_steps: int = 8192,
@@ -124,7 +126,7 @@ class RunWriter:
         self._run_values: dict[str, Any] = dict(
             name=name, tags=list(tags), config_json=config.to_json(), status="running",
             model=config.model, num_steps=0, writer_pid=os.getpid(), writer_host=this_host(),
-            writer_started=process_start_time())
+            writer_started=process_start_time(), sweep_id=sweep_id, sweep_point=sweep_point)
         self._thread = threading.Thread(target=self._loop, name="kvlab-writer", daemon=True)
 
     def _open(self, first_keyframe: Keyframe | None = None, **final: Any) -> int:

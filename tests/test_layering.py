@@ -4,8 +4,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN_IN_ENGINE = {"streamlit", "sqlalchemy", "altair", "store", "ui", "pages"}
-FORBIDDEN_IN_STORE = {"streamlit", "altair", "ui", "pages"}
+FORBIDDEN_IN_ENGINE = {"streamlit", "sqlalchemy", "altair", "store", "ui", "pages", "sweep",
+                       "ray"}
+FORBIDDEN_IN_STORE = {"streamlit", "altair", "ui", "pages", "sweep", "ray"}
+FORBIDDEN_IN_SWEEP = {"streamlit", "altair", "ui", "pages"}
 
 
 def imported_top_level_modules(path: Path) -> set[str]:
@@ -36,3 +38,8 @@ def test_store_imports_only_engine_trace_types():
                 assert module in {"engine.trace", "engine.config", "engine.run_result"}, (
                     f"{path.name} imports {module}")
         assert not imported_top_level_modules(path) & FORBIDDEN_IN_STORE, path.name
+
+
+def test_sweep_imports_no_ui_code():
+    for path in (ROOT / "sweep").rglob("*.py"):
+        assert not imported_top_level_modules(path) & FORBIDDEN_IN_SWEEP, path.name

@@ -199,7 +199,30 @@ def test_backend_choice():
     chosen = select_backend(spec, torch.device("cpu"), SCALE, None)
     assert isinstance(chosen, CpuKernelAttention) == cpu_kernel.available()
     bf16 = select_backend(TINY_LLAMA.kv_cache_spec(16, "bf16"), torch.device("cpu"), SCALE, None)
-    assert type(bf16) is TorchPagedAttention
+    assert isinstance(bf16, CpuKernelAttention) == cpu_kernel.available()  # widened in C
+    int8 = select_backend(TINY_LLAMA.kv_cache_spec(16, "int8"), torch.device("cpu"), SCALE, None)
+    assert int8.name == ("cpu-kernel-quantized" if cpu_kernel.available() else "torch-quantized")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_widens_half_caches_like_the_torch_path(dtype):
+    if not cpu_kernel.available():
+        pytest.skip("the CPU decode kernel does not build here")
+    gen = torch.Generator().manual_seed(11)
+    cache = PagedKVCache.for_model(TINY_LLAMA, 16, 16, {torch.bfloat16: "bf16",
+                                                        torch.float16: "fp16"}[dtype])
+    layer = cache.layer_caches(0)[0]
+    layer["k"][:, :16].copy_(torch.randn(HK, 16, 16, D, generator=gen).to(dtype))
+    layer["v"][:, :16].copy_(torch.randn(HK, 16, 16, D, generator=gen).to(dtype))
+    tables = torch.tensor([[3, 7, 1], [9, 2, cache.null_block]])
+    lens = torch.tensor([40, 20])
+    q = torch.randn(2, H, D, generator=gen)
+    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long),
+                             decode_context_lens=lens, decode_block_tables=tables)
+    want = TorchPagedAttention(SCALE).decode(q, layer, meta)
+    got = cpu_kernel.paged_decode_half(q, layer["k"], layer["v"], tables, lens, SCALE,
+                                       cache.null_block)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def run_decode(dtype, device, block_size=16, context_lens=(5, 40, 100)):

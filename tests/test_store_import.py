@@ -122,19 +122,25 @@ def test_cli_import_refuses_a_duplicate_and_copies_on_request(trace_store,
     assert sum(line.endswith("via cli (imported)") for line in table) == 2
 
 
-def test_migration_3_adds_the_hash_to_an_older_database(db_url: str, tmp_path: Path) -> None:
-    """A database at version 2 (no import_sha256) migrates: its runs read as recorded here and
-    imports are checked from then on."""
+def test_the_migration_adds_the_hash_to_an_older_database(db_url: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database from before the import hash (its column and index dropped, its version set
+    back) migrates: its runs read as recorded here and imports are checked from then on. Only
+    this step runs, whatever number it has among the migrations."""
+    version = next(v for v, step in store_db.MIGRATIONS.items()
+                   if step is store_db._migrate_add_import_hash)
     store = open_store(db_url)
     source = recorded(store)
     with store.write() as conn:
         conn.execute(text("DROP INDEX ix_runs_import_sha256"))
         conn.execute(text("ALTER TABLE runs DROP COLUMN import_sha256"))
-        conn.execute(update(SchemaInfo).values(version=2))
+        conn.execute(update(SchemaInfo).values(version=version - 1))
     store.dispose()
+    monkeypatch.setattr(store_db, "SCHEMA_VERSION", version)
+    monkeypatch.setattr(store_db, "MIGRATIONS", {version: store_db._migrate_add_import_hash})
     store = open_store(db_url)
     try:
-        assert store_db.schema_version(store) == store_db.SCHEMA_VERSION >= 3
+        assert store_db.schema_version(store) == version
         with store.engine.connect() as conn:
             indexes = {i["name"] for i in inspect(conn).get_indexes("runs")}
         assert "ix_runs_import_sha256" in indexes

@@ -125,6 +125,17 @@ def test_a_bad_byte_budget_is_explained_under_its_widget(store):
     assert at.button(key="run").disabled
 
 
+def test_a_bad_layer_policy_is_explained_under_its_widget(store):
+    at = open_page()
+    at.selectbox(key="cfg_model").set_value("tiny").run()
+    at.text_input(key="cfg_policy").set_value("0:full").run()  # layer 1 has no policy
+    assert any("layer 1 KV head 0 has no policy" in e and "0:full; 1:full" in e
+               for e in errors_beside(at, "cfg_policy")), [e.value for e in at.error]
+    assert at.button(key="run").disabled
+    at.text_input(key="cfg_policy").set_value("0:full; 1:full").run()
+    assert not errors_beside(at, "cfg_policy") and not at.button(key="run").disabled
+
+
 def test_a_bad_workload_file_names_the_line(store):
     at = open_page()
     at.radio(key="cfg_workload_kind").set_value("file").run()

@@ -29,8 +29,9 @@ PAGE = "pages/2_Replay.py"
 
 def seed_run(store, model=None, name: str = "seeded", **knobs) -> int:
     """A tiny-model run straight through the engine and the store's writer."""
+    knobs = {"num_blocks": 24, **knobs}
     config = RunConfig(
-        model="tiny", device="cpu", block_size=8, num_blocks=24, max_model_len=128,
+        model="tiny", device="cpu", block_size=8, max_model_len=128,
         keyframe_interval=5, workload=WorkloadSpec(
             kind="synthetic", num_requests=6, prompt_len_min=16, prompt_len_max=40,
             output_len_min=4, output_len_max=12, num_prefix_groups=1, shared_prefix_len=24),
@@ -99,6 +100,25 @@ def test_the_slider_changes_the_block_grid(store, tiny_model):
     chart = charts_by_title(at)["throughput (tokens/s)"]
     assert json.loads(chart.spec)["layer"][-1]["data"] == {"name": charts.STEP_RULE_DATA}
     assert named_dataset(chart, charts.STEP_RULE_DATA) == [{"step": middle}]
+
+
+def test_a_run_with_two_kv_cache_groups_draws_one_lane_per_group(store, tiny_model):
+    run_id = seed_run(store, tiny_model, policy="0:full; 1:full", num_blocks=48)
+    at = open_page(run_id)
+    at.slider(key="replay_step").set_value(RunReader(store).last_step(run_id) // 2).run()
+    rows = _grid_rows(grid_of(at))
+    lanes = [r["lane"] for r in rows if r["block_id"] < 0]
+    assert [lane.rsplit(" · ", 1)[0] for lane in lanes] == [
+        "group 0 · layers 0", "group 1 · layers 1", "free, no group"]
+    blocks = [r for r in rows if r["block_id"] >= 0]
+    assert sorted(r["block_id"] for r in blocks) == list(range(48))  # every block once
+    assert {r["group"] for r in blocks} <= {"0", "1", "—"}
+
+
+def _grid_rows(proto) -> list[dict]:
+    """The grid's data rows: Streamlit sends the spec's named dataset as Arrow IPC bytes."""
+    (dataset,) = [d for d in proto.datasets if d.name == "blocks"]
+    return pa.ipc.open_stream(dataset.data.data).read_all().to_pylist()
 
 
 def test_play_advances_the_step_and_stops_at_the_end(store, tiny_model):

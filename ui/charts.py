@@ -147,3 +147,38 @@ def percentile_chart(table: pd.DataFrame, metric: str) -> alt.Chart:
             tooltip=["run:N", "percentile:N", alt.Tooltip("ms:Q", format=",.1f")],
         )
     )
+
+
+def sweep_chart(points: pd.DataFrame, x: str, y: str, color: str | None = None, *,
+                x_title: str | None = None, y_title: str | None = None) -> alt.LayerChart:
+    """A sweep's summary metric `y` against axis `x`, one line per value of axis `color`.
+
+    Every point is a dot (repeats show their spread); the line joins the mean at each x. A
+    numeric axis spanning 16x or more (byte budgets, block counts) gets a log scale.
+    """
+    columns = ["point", "run_id", x, y] + ([color] if color and color != x else [])
+    data = points[columns].dropna(subset=[y]).copy()
+    numeric = pd.api.types.is_numeric_dtype(data[x]) and data[x].notna().all()
+    if not numeric:
+        data[x] = data[x].astype(str)
+    scale = alt.Scale(type="log") if numeric and _spans(data[x], 16) else alt.Scale(zero=False)
+    x_enc = alt.X(f"{x}:{'Q' if numeric else 'O'}", title=x_title or x, scale=scale)
+    encodings: dict[str, Any] = {"x": x_enc}
+    tooltip = [alt.Tooltip("point:O"), alt.Tooltip("run_id:O", title="run"),
+               alt.Tooltip(f"{x}:{'Q' if numeric else 'N'}", title=x_title or x),
+               alt.Tooltip(f"{y}:Q", title=y_title or y, format=",.3~f")]
+    if color and color != x:
+        data[color] = data[color].astype(str)
+        encodings["color"] = alt.Color(f"{color}:N", title=color,
+                                       legend=alt.Legend(orient="bottom"))
+        tooltip.insert(3, alt.Tooltip(f"{color}:N"))
+    base = alt.Chart(data)
+    line = base.mark_line().encode(y=alt.Y(f"mean({y}):Q", title=y_title or y), **encodings)
+    dots = base.mark_point(filled=True, size=70).encode(
+        y=alt.Y(f"{y}:Q", title=y_title or y), tooltip=tooltip, **encodings)
+    return alt.layer(line, dots).properties(title=f"{y_title or y} vs {x_title or x}")
+
+
+def _spans(values: pd.Series, ratio: float) -> bool:
+    positive = values[values > 0]
+    return len(positive) == len(values) and positive.max() >= ratio * positive.min()

@@ -105,6 +105,12 @@ def render_config_form(default_model: str = "smollm2") -> tuple[dict[str, Any], 
     with c[1]:
         v["keyframe_interval"] = _number(slots, "keyframe every (steps)", "keyframe_interval",
                                          50, 1, 10)
+    with c[2]:
+        v["policy"] = st.text_input(
+            "layer policy", "full", key="cfg_policy",
+            help="what each layer or KV head range keeps, e.g. full, or '0-14:full; "
+                 "15-29:full' (each range is a KV cache group with its own block tables)")
+        slots.add("policy")
     st.subheader("Scheduler")
     c = st.columns(3)
     with c[0]:
@@ -191,6 +197,7 @@ def config_from_values(v: dict[str, Any]) -> RunConfig:
         max_num_batched_tokens=int(v["max_num_batched_tokens"]),
         max_model_len=int(v["max_model_len"]) or None,
         keyframe_interval=int(v["keyframe_interval"]), seed=int(v["seed"]),
+        policy=v.get("policy") or "full",
         sampling={"temperature": float(v["temperature"]), "top_p": float(v["top_p"]),
                   "top_k": int(v["top_k"]), "ignore_eos": bool(v["ignore_eos"])},
         workload=workload, **budget,

@@ -20,7 +20,6 @@ import pyarrow as pa
 import streamlit as st
 
 from engine.config import RunConfig
-from engine.device import resolve_device, torch_dtype
 from engine.trace import BlockState
 from store import RunInfo, RunReader, Store, open_store
 from ui import analysis, charts, timeline
@@ -48,21 +47,20 @@ def get_store() -> Store:
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _model(name: str, device: str, dtype: str, seed: int) -> LoadedModel:
-    from engine.models.loader import load_model  # torch model code: only when a run starts
+def _model(key: tuple[str, str, str, int]) -> LoadedModel:
+    from engine.run import load_model_by_key  # torch model code: only when a run starts
 
-    return load_model(name, resolve_device(device), torch_dtype(dtype), seed=seed)
+    return load_model_by_key(key)
 
 
 def get_model(config: RunConfig) -> LoadedModel:
-    """The config's model, loaded once per (name, device, dtype, seed) for the whole server.
+    """The config's model, loaded once per `engine.run.model_key` for the whole server.
 
     Safe to call from a run's background thread: the cache has its own lock.
     """
-    device = resolve_device(config.device)
-    # The seed picks the weights of random models only; the real model is one load for all.
-    seed = 0 if config.model == "smollm2" else config.seed
-    return _model(config.model, device.type, config.resolved_dtype(device.type), seed)
+    from engine.run import model_key
+
+    return _model(model_key(config))
 
 
 # Queries ------------------------------------------------------------------------------------
@@ -102,6 +100,18 @@ def list_runs(url: str, limit: int | None = None) -> pd.DataFrame:
     # a CLI run killed while the dashboard is up would otherwise stay `running` for good.
     store.mark_stale_runs()
     return RunReader(store).list_runs(limit=limit)
+
+
+@store_query(ttl=30)
+def quality_results(url: str) -> pd.DataFrame:
+    """Every stored quality evaluation (store.quality), oldest first."""
+    from store.quality import list_quality
+
+    return list_quality(_store(url))
+
+
+def refresh_quality() -> None:
+    quality_results.clear()
 
 
 def refresh_runs() -> None:
@@ -193,3 +203,26 @@ def arrow_ipc(rows: list[dict[str, Any]]) -> bytes:
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
+
+
+# Sweeps ------------------------------------------------------------------------------------
+@store_query(ttl=2, max_entries=16)
+def list_sweeps(url: str) -> pd.DataFrame:
+    """Sweeps newest first with their point counts (store.sweeps.list_sweeps); a short TTL
+    because a running sweep's counts move."""
+    from store.sweeps import list_sweeps as query
+
+    return query(_store(url))
+
+
+@store_query(ttl=2, max_entries=16)
+def sweep_points(url: str, sweep_id: int, rev: str) -> pd.DataFrame:
+    """A sweep's points with their newest runs' summaries (store.sweeps.sweep_points)."""
+    from store.sweeps import sweep_points as query
+
+    return query(_store(url), sweep_id)
+
+
+def refresh_sweeps() -> None:
+    list_sweeps.clear()
+    sweep_points.clear()

@@ -17,6 +17,8 @@ from ui.live_run import LiveRun
 REPLAY_PAGE = "pages/2_Replay.py"
 EXPERIMENT_PAGE = "pages/1_Experiment.py"
 COMPARE_PAGE = "pages/3_Compare.py"
+QUALITY_PAGE = "pages/4_Quality.py"
+SWEEP_PAGE = "pages/7_Sweep.py"
 LIVE_REFRESH_S = 1.0
 
 
@@ -27,6 +29,8 @@ def sidebar_nav() -> None:
         st.page_link(EXPERIMENT_PAGE, label="Experiment", icon="🧪")
         st.page_link(REPLAY_PAGE, label="Replay", icon="🎞️")
         st.page_link(COMPARE_PAGE, label="Compare", icon="⚖️")
+        st.page_link(QUALITY_PAGE, label="Quality", icon="📉")
+        st.page_link(SWEEP_PAGE, label="Sweep", icon="🧮")
         st.divider()
 
 

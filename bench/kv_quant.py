@@ -1,0 +1,145 @@
+"""Quantized KV blocks on SmolLM2, both sides of the trade in one process:
+
+1. capacity: blocks one byte budget buys, vs bf16, per format and block size (from the specs:
+   scales and minimums included); targets int8 >= 1.9x, int4 >= 3.5x, fp8 = 2.0x;
+2. quality on the bundled held set against the fp32 full cache: mean KL and top-1 (targets:
+   int8 KL <= 0.005 and top-1 >= 99 %; int4 KL <= 0.05 and top-1 >= 95 %; int4 with the
+   Hadamard rotation below int4 without);
+3. speed: decode tokens/s vs the fp32 cache at batch 8, context 2048, the formats' decode
+   steps interleaved on caches prefilled with the same passages (target >= 0.8x).
+
+    python bench/kv_quant.py [--json] [--context 2048] [--num-scored 256] [--passages 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.config import RunConfig  # noqa: E402
+from engine.quality import (  # noqa: E402
+    PassageCache,
+    evaluate_many,
+    held_set,
+    passage_tokens,
+)
+from engine.run import load_model_for  # noqa: E402
+
+TARGETS = {"int8": (1.9, 0.005, 0.99), "int4": (3.5, 0.05, 0.95), "fp8": (2.0, None, None)}
+QUALITY = [("fp8", False), ("int8", False), ("int8", True), ("int4", False), ("int4", True)]
+
+
+def capacity(block_sizes: tuple[int, ...]) -> list[dict]:
+    rows = []
+    for bs in block_sizes:
+        page = {kv: RunConfig(kv_dtype=kv, block_size=bs, max_model_len=bs).kv_bytes_per_block
+                for kv in ("bf16", "fp8", "int8", "int4")}
+        rows.append({"block_size": bs, "bf16_page_bytes": page["bf16"],
+                     **{f"{kv}_vs_bf16": round(page["bf16"] / page[kv], 3)
+                        for kv in ("fp8", "int8", "int4")}})
+    return rows
+
+
+def quality(loaded, passages, args) -> list[dict]:
+    base = RunConfig(model="smollm2", device="cpu", max_model_len=args.context + 1)
+    configs = [base.replace(kv_dtype=kv, kv_rotate=rot) for kv, rot in QUALITY]
+    results = evaluate_many(configs, loaded, passages, context=args.context,
+                            num_scored=args.num_scored)
+    return [{"kv_dtype": r.kv_dtype, "kv_rotate": r.kv_rotate, "kl_mean": r.kl_mean,
+             "top1": r.top1, "ppl": r.ppl, "ppl_ref": r.ppl_ref,
+             "kv_bytes_per_token": r.kv_bytes_per_token,
+             "num_tokens_scored": r.num_tokens_scored} for r in results]
+
+
+def decode_speed(loaded, passages, args) -> dict[str, float]:
+    """Median decode step time per format; all caches hold the same passages."""
+    base = RunConfig(model="smollm2", device="cpu", max_model_len=args.context + 1)
+    formats = ["fp32", "bf16", "fp8", "int8", "int4"]
+    caches = {}
+    for kv in formats:
+        # room for the timed decode steps after a full context
+        cache = PassageCache(base.replace(kv_dtype=kv), loaded, passages, args.context,
+                             args.context + args.decode_steps)
+        with torch.inference_mode():
+            while cache.seqs[0].num_computed_tokens < args.context:
+                n = min(256, args.context - cache.seqs[0].num_computed_tokens)
+                cache.step([(s, n) for s in cache.seqs])
+        caches[kv] = cache
+    times: dict[str, list[float]] = {kv: [] for kv in formats}
+    with torch.inference_mode():
+        for i in range(args.decode_steps):
+            for kv in formats:  # interleaved: a noisy neighbour hits every format alike
+                cache = caches[kv]
+                for seq in cache.seqs:
+                    seq.token_ids.append(passages[seq.request_id][i % len(passages[0])])
+                start = time.perf_counter()
+                cache.step([(s, 1) for s in cache.seqs])
+                times[kv].append(time.perf_counter() - start)
+    batch = len(passages)
+    return {kv: batch / statistics.median(t[2:]) for kv, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print a JSON summary last")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--num-scored", type=int, default=256)
+    parser.add_argument("--passages", type=int, default=8)
+    parser.add_argument("--decode-steps", type=int, default=24)
+    args = parser.parse_args()
+    loaded = load_model_for(RunConfig(model="smollm2", device="cpu"))
+    passages = passage_tokens(held_set(args.passages), loaded.tokenizer, args.context)
+
+    cap = capacity((16, 32, 64, 128))
+    print("1. blocks one byte budget buys, vs bf16 (SmolLM2: 30 layers, 3 KV heads, D 64)")
+    print(f"{'block':>6} {'fp8':>7} {'int8':>7} {'int4':>7}")
+    for r in cap:
+        print(f"{r['block_size']:>6} {r['fp8_vs_bf16']:>7.3f} {r['int8_vs_bf16']:>7.3f} "
+              f"{r['int4_vs_bf16']:>7.3f}")
+    print("   targets: int8 >= 1.9, int4 >= 3.5, fp8 = 2.0")
+
+    qual = quality(loaded, passages, args)
+    print(f"\n2. quality vs the fp32 full cache: {args.passages} held-set passages, context "
+          f"{args.context}, last {args.num_scored} tokens scored each")
+    print(f"{'cache':>16} {'KL':>9} {'top-1':>8} {'ppl':>8} {'ppl fp32':>9} {'bytes/tok':>10}")
+    for r in qual:
+        name = r["kv_dtype"] + (" + rotate" if r["kv_rotate"] else "")
+        print(f"{name:>16} {r['kl_mean']:>9.5f} {100 * r['top1']:>7.2f}% {r['ppl']:>8.3f} "
+              f"{r['ppl_ref']:>9.3f} {r['kv_bytes_per_token']:>10.1f}")
+
+    speed = decode_speed(loaded, passages, args)
+    print(f"\n3. decode tokens/s at batch {args.passages}, context {args.context} "
+          f"({torch.get_num_threads()} threads, interleaved, median)")
+    for kv, tps in speed.items():
+        print(f"{kv:>6} {tps:8.1f} tok/s  {tps / speed['fp32']:.2f}x fp32")
+
+    by = {(r["kv_dtype"], r["kv_rotate"]): r for r in qual}
+    at128 = cap[-1]
+    checks = {
+        "int8_capacity": at128["int8_vs_bf16"] >= 1.9,
+        "int4_capacity": at128["int4_vs_bf16"] >= 3.5,
+        "fp8_capacity": abs(at128["fp8_vs_bf16"] - 2.0) < 0.005,
+        "int8_quality": by["int8", False]["kl_mean"] <= 0.005 and by["int8", False]["top1"]
+        >= 0.99,
+        "int4_quality": by["int4", False]["kl_mean"] <= 0.05 and by["int4", False]["top1"]
+        >= 0.95,
+        "int4_rotation_helps": by["int4", True]["kl_mean"] < by["int4", False]["kl_mean"],
+        "speed": all(speed[kv] >= 0.8 * speed["fp32"] for kv in ("fp8", "int8", "int4")),
+    }
+    print("\nchecks (capacity at block size 128): " + ", ".join(
+        f"{k} {'ok' if v else 'MISSED'}" for k, v in checks.items()))
+    if args.json:
+        print(json.dumps({"bench": "kv_quant", "capacity": cap, "quality": qual,
+                          "decode_tokens_per_s": speed, "checks": checks}))
+
+
+if __name__ == "__main__":
+    main()
