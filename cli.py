@@ -3,7 +3,7 @@
     python cli.py generate --prompt "..." [--chat] --max-tokens N [--temperature T --seed S]
     python cli.py run [--model smollm2|tiny] [--workload NAME|FILE] [--num-blocks N | --kv-budget
         64MiB] [--no-prefix-caching] [--json] [--db URL]
-    python cli.py runs | export RUN_ID FILE | import FILE | delete RUN_ID   (the trace store)
+    python cli.py runs | export RUN_ID FILE | import FILE [--copy] | delete RUN_ID   (the store)
     python cli.py quality --kv-dtype int4 [--kv-rotate] [--json]   (a cache format's cost)
     python cli.py sweep --base config.json --axis block_size=8,16 [--axis ...] (Ray sweeps;
         see sweep/cli_commands.py) | sweeps [SWEEP_ID] | sweep-export SWEEP_ID FILE
@@ -254,6 +254,8 @@ def _print_summary(s: dict) -> None:
         ("KV bytes per token", f"{s['kv_bytes_per_token']} ({s['kv_dtype']}, {s['device']})"),
         ("KV cache groups", _groups_line(s.get("kv_groups") or [], s.get("kv_page_size_bytes"))),
     ]
+    if s.get("gpu_note"):
+        rows.append(("GPU telemetry", s["gpu_note"]))
     for label, value in rows:
         print(f"{label:>20}: {value}")
 

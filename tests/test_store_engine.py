@@ -12,7 +12,8 @@ from engine.trace import BLOCK_EVENT_KINDS, Keyframe
 from store import RunReader, RunWriter
 
 CONFIG = RunConfig(
-    model="tiny", num_blocks=32, block_size=16, policy="0:full; 1:window(4,32)", max_model_len=256, max_num_seqs=4,
+    model="tiny", num_blocks=32, block_size=16, policy="0:full; 1:window(4,32)",
+    max_model_len=256, max_num_seqs=4,
     max_num_batched_tokens=128, keyframe_interval=7, seed=3,
     sampling=SamplingConfig(ignore_eos=True),
     workload=WorkloadSpec(kind="synthetic", num_requests=8, arrival_rate=0.0,

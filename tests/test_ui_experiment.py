@@ -76,6 +76,9 @@ def test_a_tiny_workload_runs_from_the_form_into_the_database(store):
     assert any("Finished" in s.value for s in at.success)
     assert len(at.get("vega_lite_chart")) == 4  # throughput, blocks, hit rate, preemptions
     assert [m.label for m in at.metric][:2] == ["output tokens/s", "prefix hit rate"]
+    # on a CPU the summary says once that there are no GPU readings
+    notes = [c.value for c in at.caption if "NVIDIA" in c.value]
+    assert notes == [live.summary["gpu_note"]] and notes[0].startswith("no NVIDIA GPU (")
 
 
 def test_stop_ends_the_run_cleanly_as_interrupted(store):
