@@ -112,11 +112,15 @@ class RunConfig:
     policy: str = "full"
     num_blocks: int | None = None  # KV blocks; give this or kv_budget_bytes (neither: 1024)
     kv_budget_bytes: int | None = None  # a byte budget for the KV cache, turned into blocks
+    # vLLM's gpu_memory_utilization: the share of device memory (CPU: what the process may
+    # hold) for everything; the cache gets what weights, activations and the rest leave
+    kv_memory_fraction: float | None = None
     enable_prefix_caching: bool = True
     max_num_seqs: int = 8  # requests running at once
     max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the model's context length
     keyframe_interval: int = 50  # steps between full block-state snapshots in the trace
+    telemetry_hz: float = 10.0  # device samples per second in the trace (0: none)
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
@@ -135,8 +139,13 @@ class RunConfig:
         bs = self.block_size
         if bs < 1 or bs & (bs - 1):
             raise ConfigError("block_size", f"{bs} is not a power of two; use e.g. 16 or 32")
-        if self.num_blocks is not None and self.kv_budget_bytes is not None:
-            raise ConfigError("num_blocks", "give either num_blocks or kv_budget_bytes, not both")
+        budgets = [n for n in ("num_blocks", "kv_budget_bytes", "kv_memory_fraction")
+                   if getattr(self, n) is not None]
+        if len(budgets) > 1:
+            raise ConfigError(budgets[1], "give one of num_blocks, kv_budget_bytes and "
+                              f"kv_memory_fraction, not {' and '.join(budgets)}")
+        if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction <= 1:
+            raise ConfigError("kv_memory_fraction", "must be in (0, 1], e.g. 0.9")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs", "must be at least 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -145,6 +154,8 @@ class RunConfig:
                               "request can decode in one step")
         if self.keyframe_interval < 1:
             raise ConfigError("keyframe_interval", "must be at least 1")
+        if not 0 <= self.telemetry_hz <= 1000:
+            raise ConfigError("telemetry_hz", "must be in 0..1000 samples per second (0: off)")
         context = self.model_config.max_position_embeddings
         if self.max_model_len is not None and not 1 <= self.max_model_len <= context:
             raise ConfigError("max_model_len", f"must be in 1..{context} (the model's context)")
@@ -159,11 +170,9 @@ class RunConfig:
             raise ConfigError("policy", str(exc).removeprefix("policy: ")) from exc
         except ValueError as exc:  # a format this model's shapes cannot take
             raise ConfigError("kv_dtype", str(exc)) from exc
-        needed = sum(max_blocks_per_request(parse_retention(g.policy),
-                                            self.resolved_max_model_len, bs,
-                                            self.max_num_batched_tokens) for g in groups)
+        needed = self.blocks_needed(groups)
         have = self.resolved_num_blocks
-        if have < needed:
+        if have is not None and have < needed:
             source = ("num_blocks" if self.kv_budget_bytes is None else "kv_budget_bytes")
             per_group = ("" if len(groups) == 1 else f" over its {len(groups)} groups")
             raise ConfigError(
@@ -220,8 +229,17 @@ class RunConfig:
                                                             / self.block_size))
 
     @property
-    def resolved_num_blocks(self) -> int:
+    def resolved_num_blocks(self) -> int | None:
+        """None when a memory fraction sizes the cache (measured at engine start)."""
+        if self.kv_memory_fraction is not None:
+            return None
         return self.num_blocks_for(self.kv_bytes_per_block)
+
+    def blocks_needed(self, groups: tuple[KVCacheGroup, ...]) -> int:
+        """Blocks one full-length request can hold at once, over all groups."""
+        return sum(max_blocks_per_request(parse_retention(g.policy), self.resolved_max_model_len,
+                                          self.block_size, self.max_num_batched_tokens)
+                   for g in groups)
 
     # JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -60,6 +60,26 @@ class StepRecord:
     gpu_utilization_pct: float | None = None
     gpu_power_w: float | None = None
     rss_bytes: int | None = None  # process resident set size
+    # The decode roofline: bytes this step had to read (weights + the KV blocks in use, at their
+    # real dtype) over the device's measured bandwidth, a lower bound on its time (decode-only
+    # steps; engine/roofline.py).
+    roofline_s: float | None = None
+
+
+@dataclass(slots=True)
+class TelemetrySample:
+    """One reading of the device by the telemetry sampler (engine/telemetry.py), `t` seconds
+    from run start like the steps, which join it by time. Empty fields were not available."""
+
+    t: float
+    rss_bytes: int | None = None
+    cpu_pct: float | None = None  # of one core (psutil): up to 100 x cores
+    gpu_memory_used_bytes: int | None = None  # NVML: the whole device, every process
+    gpu_util_pct: float | None = None  # NVML: share of time a kernel ran
+    memory_util_pct: float | None = None  # NVML: share of time memory was read or written
+    power_w: float | None = None
+    sm_clock_mhz: float | None = None
+    temperature_c: float | None = None
 
 
 @dataclass(slots=True)
@@ -210,6 +230,8 @@ class TraceSink(Protocol):
 
     def record_keyframe(self, keyframe: Keyframe) -> None: ...
 
+    def record_telemetry(self, sample: TelemetrySample) -> None: ...
+
 
 @dataclass
 class ListSink:
@@ -220,6 +242,7 @@ class ListSink:
     request_events: list[RequestEvent] = field(default_factory=list)
     requests: list[RequestRecord] = field(default_factory=list)
     keyframes: list[Keyframe] = field(default_factory=list)
+    telemetry: list[TelemetrySample] = field(default_factory=list)
 
     def record_step(self, step, block_events, request_events) -> None:
         self.steps.append(step)
@@ -231,3 +254,6 @@ class ListSink:
 
     def record_keyframe(self, keyframe: Keyframe) -> None:
         self.keyframes.append(keyframe)
+
+    def record_telemetry(self, sample: TelemetrySample) -> None:
+        self.telemetry.append(sample)

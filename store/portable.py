@@ -35,6 +35,7 @@ from store.models import (
     RequestRow,
     Run,
     Step,
+    TelemetryRow,
 )
 from store.reader import RunReader
 from store.trace_file import SCHEMAS, TraceFile, read_trace_file, write_trace_file
@@ -50,7 +51,7 @@ def export_run(store: Store, run_id: int, path: str | Path) -> Path:
         keyframes = reader.keyframes(run_id)
         frames = {"steps": reader.steps(run_id), "block_events": reader.block_events(run_id),
                   "request_events": reader.request_events(run_id),
-                  "requests": reader.requests(run_id)}
+                  "requests": reader.requests(run_id), "telemetry": reader.telemetry(run_id)}
     tables = {name: pa.Table.from_pandas(df, schema=SCHEMAS[name], preserve_index=False)
               for name, df in frames.items()}
     tables["keyframes"] = pa.Table.from_pylist([dataclasses.asdict(k) for k in keyframes],
@@ -181,6 +182,8 @@ def _child_rows(run_id: int, tables: dict[str, pa.Table]) -> list[tuple[type, li
                                      for r in tables["request_events"].to_pylist()])
     requests = [{"run_id": run_id, "ordinal": i, **r}
                 for i, r in enumerate(tables["requests"].to_pylist())]
+    telemetry = [{"run_id": run_id, "ordinal": i, **r}
+                 for i, r in enumerate(tables["telemetry"].to_pylist())]
     keyframes = []
     for r in tables["keyframes"].to_pylist():
         keyframe = Keyframe(r["step"], r["ref_counts"], r["block_hashes"], r["owners"],
@@ -188,5 +191,6 @@ def _child_rows(run_id: int, tables: dict[str, pa.Table]) -> list[tuple[type, li
         keyframes.append({"run_id": run_id, "step": keyframe.step,
                           "num_blocks": len(keyframe.ref_counts),
                           "data": encode_keyframe(keyframe)})
-    return [(Step, steps), (BlockEventRow, blocks), (RequestEventRow, request_events),
+    return [(TelemetryRow, telemetry), (Step, steps), (BlockEventRow, blocks),
+            (RequestEventRow, request_events),
             (RequestRow, requests), (KeyframeRow, keyframes)]

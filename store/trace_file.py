@@ -1,8 +1,8 @@
 """The portable trace file: one run in one file, so a GPU box can record and a laptop replay.
 
-Format (`FORMAT_VERSION` 3): a zip archive (suggested name `run-<id>.kvtrace.zip`) holding
+Format (`FORMAT_VERSION` 4): a zip archive (suggested name `run-<id>.kvtrace.zip`) holding
 
-- `manifest.json`: `{"format": "kvlab-trace", "format_version": 3, "exported_at": ISO time,
+- `manifest.json`: `{"format": "kvlab-trace", "format_version": 4, "exported_at": ISO time,
   "run": {name, tags, status, config (the RunConfig as a JSON object), summary, error, device,
   model, created_at, finished_at, num_steps}, "tables": {TABLE: {"file": "TABLE.parquet",
   "rows": N}}}`
@@ -41,6 +41,7 @@ from engine.trace import (
     RequestEvent,
     RequestRecord,
     StepRecord,
+    TelemetrySample,
 )
 from store.errors import StoreError
 from store.trace_columns import arrow_schema, trace_columns
@@ -48,8 +49,10 @@ from store.trace_columns import arrow_schema, trace_columns
 FORMAT = "kvlab-trace"
 # 2: block events carry `group_id` and keyframes `groups` (KV cache groups); a version 1 file
 # lacks both and imports with the defaults (everything in group 0). 3: retention policies'
-# `drop` events and their `reason` (older files have neither).
-FORMAT_VERSION = 3
+# `drop` events and their `reason` (older files have neither). 4: the `telemetry` table (the
+# device sampler's readings; steps gain `roofline_s`); older files import with none.
+FORMAT_VERSION = 4
+ADDED_TABLES = {"telemetry": 4}  # table -> the format version that introduced it
 MAX_UNCOMPRESSED_BYTES = 8 * 1024**3
 RUN_FIELDS = ("name", "tags", "status", "config", "summary", "error", "device", "model",
               "created_at", "finished_at", "num_steps")
@@ -58,7 +61,7 @@ RUN_FIELDS = ("name", "tags", "status", "config", "summary", "error", "device", 
 # keep their kind as its name; the database's ordinals are row order here.
 TABLE_TYPES: dict[str, type] = {"steps": StepRecord, "block_events": BlockEvent,
                                 "request_events": RequestEvent, "requests": RequestRecord,
-                                "keyframes": Keyframe}
+                                "keyframes": Keyframe, "telemetry": TelemetrySample}
 SCHEMAS: dict[str, pa.Schema] = {name: arrow_schema(cls) for name, cls in TABLE_TYPES.items()}
 
 
@@ -107,7 +110,8 @@ def read_trace_file(path: str | Path) -> TraceFile:
                                  "refusing it as a likely corrupt or hostile file")
             manifest = _read_manifest(zf, where)
             tables = {name: _read_table(zf, where, name, manifest["tables"])
-                      for name in SCHEMAS}
+                      if manifest["format_version"] >= ADDED_TABLES.get(name, 1)
+                      else SCHEMAS[name].empty_table() for name in SCHEMAS}
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise StoreError(f"{where}: the archive is damaged ({exc}); export the run again") from exc
     _check_contents(where, tables)

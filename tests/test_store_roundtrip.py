@@ -174,7 +174,7 @@ def test_import_refuses_bad_files(trace_store, tmp_path: Path) -> None:
         "not a zip": garbage,
         "damaged|not a zip|truncated": truncated,
         "newer than this kvlab": _rewrite(good, tmp_path / "v99.zip", {"manifest.json": manifest
-                                          .replace('"format_version": 3', '"format_version": 99')
+                                          .replace('"format_version": 4', '"format_version": 99')
                                           .encode()}),
         "lacks required columns": _rewrite(good, tmp_path / "cols.zip",
                                            {"steps.parquet": other_columns}),

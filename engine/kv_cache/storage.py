@@ -79,7 +79,7 @@ class PagedKVCache:
 
     def __init__(self, groups: tuple[KVCacheGroup, ...], num_blocks: int,
                  device: torch.device | str, residual_slots: int = 64,
-                 residual_dtype: torch.dtype = torch.float32):
+                 residual_dtype: torch.dtype = torch.float32, commit: bool = False):
         shapes = {(len(g.layers), len(g.kv_heads), g.spec) for g in groups}
         if len(shapes) != 1:
             raise ValueError("every KV cache group must have one shape and spec (layout.py)")
@@ -90,8 +90,11 @@ class PagedKVCache:
         self.block_size = self.spec.block_size
         self.device = torch.device(device)
         positions = len(groups[0].layers)
-        self.storage = {t.name: torch.empty((positions, *t.storage_shape(num_blocks + 1)),
-                                            dtype=TORCH_DTYPES[t.dtype], device=self.device)
+        # `commit`: zeroed, so every page is resident from the start (as a GPU allocation is)
+        # and the process's memory shows the cache; else pages are committed as they are used
+        make = torch.zeros if commit else torch.empty
+        self.storage = {t.name: make((positions, *t.storage_shape(num_blocks + 1)),
+                                     dtype=TORCH_DTYPES[t.dtype], device=self.device)
                         for t in self.spec.tensors}
         # quantized formats keep the blocks being filled in full precision (KIVI's residual);
         # block ids are pool-wide, so one residual serves every group
