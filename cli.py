@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     budget = run.add_mutually_exclusive_group()
     budget.add_argument("--num-blocks", type=int)
     budget.add_argument("--kv-budget", help="KV cache size, e.g. 64MiB; turned into blocks")
+    budget.add_argument("--kv-memory-fraction", type=float,
+                        help="vLLM's gpu_memory_utilization: the share of device memory (CPU: "
+                             "what the process may hold) for weights, activations and the "
+                             "cache; the cache gets the rest")
+    run.add_argument("--telemetry-hz", type=float, default=10.0,
+                     help="device readings per second in the trace (0: none)")
     run.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     run.add_argument("--max-num-seqs", type=int, default=8)
     run.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -172,6 +178,7 @@ def _config_from_args(args: argparse.Namespace, max_model_len: int | None):
             knobs.update(
                 block_size=args.block_size, num_blocks=args.num_blocks,
                 kv_budget_bytes=parse_bytes(args.kv_budget) if args.kv_budget else None,
+                kv_memory_fraction=args.kv_memory_fraction, telemetry_hz=args.telemetry_hz,
                 enable_prefix_caching=args.prefix_caching, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_dtype=args.kv_dtype,
                 policy=args.policy, kv_rotate=args.kv_rotate,
@@ -193,6 +200,7 @@ def _option_for(field_name: str) -> str:
     if field_name.startswith("workload"):
         return "--workload"
     special = {"kv_budget_bytes": "--kv-budget", "kv_budget": "--kv-budget",
+               "kv_memory_fraction": "--kv-memory-fraction",
                "enable_prefix_caching": "--prefix-caching"}
     return special.get(field_name, "--" + field_name.replace("_", "-"))
 
@@ -210,13 +218,14 @@ def _workload_spec(text: str):
 
 def _run_engine(config, sink, **kwargs):
     from engine.device import DeviceError
+    from engine.memory_profile import KVBudgetError
     from engine.models.gguf_loader import ModelFileError
     from engine.run import run
     from engine.workload import WorkloadError
 
     try:
         return run(config, sink, **kwargs)
-    except (WorkloadError, DeviceError, ModelFileError) as exc:
+    except (WorkloadError, DeviceError, ModelFileError, KVBudgetError) as exc:
         raise CliError(str(exc)) from exc
 
 
@@ -254,6 +263,14 @@ def _print_summary(s: dict) -> None:
         ("KV bytes per token", f"{s['kv_bytes_per_token']} ({s['kv_dtype']}, {s['device']})"),
         ("KV cache groups", _groups_line(s.get("kv_groups") or [], s.get("kv_page_size_bytes"))),
     ]
+    profile = s.get("memory_profile") or {}
+    if profile:
+        rows.append(("memory", ", ".join(
+            f"{label} {profile[key] / 2**20:,.1f} MiB" for label, key in (
+                ("weights", "weights_bytes"), ("activations", "activation_peak_bytes"),
+                ("KV cache", "kv_cache_bytes"), ("other torch", "other_torch_bytes"),
+                ("non-torch", "non_torch_bytes")))))
+        rows.append(("KV blocks", profile.get("kv_blocks_rule", "")))
     if s.get("gpu_note"):
         rows.append(("GPU telemetry", s["gpu_note"]))
     for label, value in rows:

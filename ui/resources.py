@@ -144,6 +144,11 @@ def steps(url: str, run_id: int, rev: str) -> pd.DataFrame:
 
 
 @store_query(max_entries=16)
+def telemetry(url: str, run_id: int, rev: str) -> pd.DataFrame:
+    return RunReader(_store(url)).telemetry(run_id)
+
+
+@store_query(max_entries=16)
 def request_events(url: str, run_id: int, rev: str) -> pd.DataFrame:
     return RunReader(_store(url)).request_events(run_id)
 
