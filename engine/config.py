@@ -7,6 +7,7 @@ so the CLI can print it as one line and the dashboard can show it next to the wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -19,6 +20,17 @@ from engine.kv_cache.spec import KV_FORMATS, QUANTIZED_BITS, KVCacheGroup
 from engine.models.config import MODEL_CONFIGS, LlamaConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (its flags, read once, not assumed)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 KV_DTYPES = ("auto", *KV_FORMATS)  # "auto": the model's dtype; see engine/kv_cache/spec.py
 WORKLOAD_KINDS = ("synthetic", "file", "preset")
@@ -103,7 +115,7 @@ class RunConfig:
 
     model: str = "smollm2"  # key of engine.models.config.MODEL_CONFIGS
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    dtype: str = "auto"  # auto: bf16 on CUDA and on CPUs with bf16 instructions, else fp32
     kv_dtype: str = "auto"  # auto: same as dtype; fp8, int8, int4 store full blocks quantized
     kv_rotate: bool = False  # Hadamard-rotate keys and queries before quantizing (not fp32..)
     block_size: int = 16  # tokens per KV block
@@ -192,16 +204,20 @@ class RunConfig:
     def resolved_max_model_len(self) -> int:
         return self.max_model_len or self.model_config.max_position_embeddings
 
-    def resolved_kv_dtype(self, device_type: str) -> str:
-        """The cache element type once the device is known."""
+    def resolved_kv_dtype(self, device_type: str, model_dtype: str | None = None) -> str:
+        """The cache format once the device is known: 'auto' is what the model computes in
+        (`model_dtype`, when a loaded model is at hand), else the config's resolved dtype."""
         if self.kv_dtype != "auto":
             return self.kv_dtype
-        return self.resolved_dtype(device_type)
+        return model_dtype or self.resolved_dtype(device_type)
 
     def resolved_dtype(self, device_type: str) -> str:
+        """'auto': bf16 on CUDA, and on a CPU with bf16 instructions (AVX512-BF16 or AMX),
+        where bf16 matmuls run at up to twice fp32's speed for half the bytes; fp32 on other
+        CPUs, where bf16 is emulated and slower."""
         if self.dtype != "auto":
             return self.dtype
-        return "bf16" if device_type == "cuda" else "fp32"
+        return "bf16" if device_type == "cuda" or cpu_has_bf16() else "fp32"
 
     def kv_groups(self, kv_dtype: str | None = None) -> tuple[KVCacheGroup, ...]:
         """The cache's groups for this model, policy and block size. Before the device is known

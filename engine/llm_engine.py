@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.config import RunConfig
+from engine.device import dtype_name
 from engine.kv_cache.manager import KVCacheManager
 from engine.kv_cache.residual import residual_capacity
 from engine.kv_cache.storage import PagedKVCache
@@ -43,7 +44,7 @@ class LLMEngine:
         self.config = config
         self.loaded = loaded
         self.device = loaded.device
-        self.kv_dtype_name = config.resolved_kv_dtype(self.device.type)
+        self.kv_dtype_name = config.resolved_kv_dtype(self.device.type, dtype_name(loaded.dtype))
         # The model's spec, grouped by the config's policy; a byte budget buys blocks at the
         # page size of the cache's real dtype.
         self.kv_groups = config.kv_groups(self.kv_dtype_name)
@@ -55,7 +56,7 @@ class LLMEngine:
             self.kv_groups, self.num_blocks, self.device,
             residual_slots=residual_capacity(config.max_num_batched_tokens, config.max_num_seqs,
                                              config.block_size),
-            residual_dtype=loaded.dtype, commit=self.device.type == "cpu")
+            commit=self.device.type == "cpu")
         finish_profile(self.memory_profile, self.kv_cache)
         self.kv_cache_manager = KVCacheManager(self.kv_groups, self.num_blocks,
                                                config.enable_prefix_caching)

@@ -177,7 +177,7 @@ def profile_activations(loaded, groups, num_tokens: int) -> int:
     bs = groups[0].spec.block_size
     per_group = -(-num_tokens // bs)
     cache = PagedKVCache(groups, per_group * len(groups), loaded.device,
-                         residual_slots=per_group + 2, residual_dtype=loaded.dtype)
+                         residual_slots=per_group + 2)
     runner = ModelRunner(loaded, cache)
     tables = tuple(list(range(g * per_group, (g + 1) * per_group)) for g in range(len(groups)))
     seq = Sequence(0, [i % loaded.config.vocab_size for i in range(num_tokens)], num_tokens,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from engine.config import RunConfig
+from engine.device import dtype_name
 from engine.kv_cache.manager import KVCacheManager
 from engine.kv_cache.residual import residual_capacity
 from engine.kv_cache.storage import PagedKVCache
@@ -74,13 +75,14 @@ class PassageCache:
 
     def __init__(self, config: RunConfig, loaded: LoadedModel, passages: list[list[int]],
                  prompt_len: int, context: int) -> None:
-        self.groups = config.kv_groups(config.resolved_kv_dtype(loaded.device.type))
+        self.groups = config.kv_groups(config.resolved_kv_dtype(loaded.device.type,
+                                                                dtype_name(loaded.dtype)))
         bs = config.block_size
         per_seq = -(-(context + 1) // bs)  # room for every token a sequence will hold
         num_blocks = len(self.groups) * len(passages) * per_seq
         self.kv = KVCacheManager(self.groups, num_blocks, enable_prefix_caching=False)
         self.storage = PagedKVCache(
-            self.groups, num_blocks, loaded.device, residual_dtype=loaded.dtype,
+            self.groups, num_blocks, loaded.device,
             residual_slots=residual_capacity(PREFILL_CHUNK * len(passages), len(passages), bs))
         self.runner = ModelRunner(loaded, self.storage)
         self.seqs = [Sequence(i, list(p[:prompt_len]), prompt_len, max_tokens=context)
@@ -174,7 +176,8 @@ def _result(config: RunConfig, cache: PassageCache, sums: torch.Tensor, loaded: 
     return QualityResult(
         kl_mean=kl, top1=hits, ppl_ref=math.exp(nll_ref), ppl=math.exp(nll),
         kv_bytes_per_token=cache.bytes_held / (len(passages) * context),
-        kv_dtype=config.resolved_kv_dtype(loaded.device.type), kv_rotate=config.kv_rotate,
+        kv_dtype=config.resolved_kv_dtype(loaded.device.type, dtype_name(loaded.dtype)),
+        kv_rotate=config.kv_rotate,
         policy=config.policy, model=config.model, block_size=config.block_size,
         context=context, num_passages=len(passages), num_tokens_scored=scored, source=source,
         elapsed_s=elapsed)

@@ -25,7 +25,8 @@ def test_run_prints_a_json_summary():
     assert summary["num_requests"] == 16
     assert summary["num_finished"] + summary["num_rejected"] == 16
     assert summary["steps"] > 0 and summary["output_tokens"] > 0
-    assert summary["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # K,V x layers x heads x dim x fp32
+    element = {"float32": 4, "bfloat16": 2}[summary["dtype"]]  # auto: bf16 where the CPU has it
+    assert summary["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * element  # K,V x layers x heads x dim
     for key in ("output_tokens_per_s", "prefix_hit_rate", "num_preemptions", "num_evictions",
                 "peak_blocks_used"):
         assert key in summary

@@ -5,6 +5,8 @@ never calls NVML, and the Hardware page renders with and without telemetry."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,10 +28,16 @@ def tiny(**knobs) -> RunConfig:
                      sampling=SamplingConfig(ignore_eos=True), **knobs)
 
 
-def test_the_profile_parts_add_up_to_the_process_memory(tiny_model):
-    result = run(tiny(num_blocks=4096), ListSink(), model=tiny_model)  # a 32 MiB cache
-    p = result.summary.memory_profile
-    assert p["kv_cache_bytes"] >= 4096 * 8192  # the pool, zeroed so it is resident
+def test_the_profile_parts_add_up_to_the_process_memory():
+    """In a process of its own (a test process carries other tests' memory): `cli.py run
+    --json` reports the parts, and they add up to the RSS measured after allocation."""
+    out = subprocess.run(
+        [sys.executable, "cli.py", "run", "--model", "tiny", "--workload", "mixed",
+         "--num-blocks", "4096", "--max-model-len", "256", "--json"],  # a 32 MiB cache
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    p = json.loads(out.stdout.strip().splitlines()[-1])["memory_profile"]
+    assert p["kv_cache_bytes"] >= 4096 * 4096  # the pool, zeroed so it is resident
     assert p["weights_bytes"] > 0 and p["activation_peak_bytes"] > 0
     parts = (p["weights_bytes"] + p["kv_cache_bytes"] + p["other_torch_bytes"]
              + p["non_torch_bytes"])

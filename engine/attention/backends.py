@@ -97,6 +97,6 @@ def select_backend(spec: KVCacheSpec, device: torch.device, scale: float,
         from engine.attention.quantized import QuantizedPagedAttention
 
         return QuantizedPagedAttention(spec, scale, workspace, use_kernel=kernel)
-    if kernel:  # fp32 caches, and bf16/fp16 ones under fp32 queries (widened in the kernel)
+    if kernel:  # fp32, bf16 and fp16 caches (16-bit ones and 16-bit queries widened in C)
         return CpuKernelAttention(scale, workspace)
     return TorchPagedAttention(scale, workspace)

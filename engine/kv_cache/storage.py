@@ -78,8 +78,7 @@ class PagedKVCache:
     which block; this class only stores bytes and never changes its shape after construction."""
 
     def __init__(self, groups: tuple[KVCacheGroup, ...], num_blocks: int,
-                 device: torch.device | str, residual_slots: int = 64,
-                 residual_dtype: torch.dtype = torch.float32, commit: bool = False):
+                 device: torch.device | str, residual_slots: int = 64, commit: bool = False):
         shapes = {(len(g.layers), len(g.kv_heads), g.spec) for g in groups}
         if len(shapes) != 1:
             raise ValueError("every KV cache group must have one shape and spec (layout.py)")
@@ -97,12 +96,13 @@ class PagedKVCache:
                                      dtype=TORCH_DTYPES[t.dtype], device=self.device)
                         for t in self.spec.tensors}
         # quantized formats keep the blocks being filled in full precision (KIVI's residual);
-        # block ids are pool-wide, so one residual serves every group
+        # block ids are pool-wide, so one residual serves every group. fp32 whatever the
+        # weights: it is a few blocks, and the CPU kernel reads it as it is
         self.residual = None
         if self.spec.quantized:
             self.residual = Residual(positions, self.spec.num_kv_heads, self.spec.head_dim,
                                      self.block_size, residual_slots * len(groups),
-                                     residual_dtype, self.device)
+                                     torch.float32, self.device)
         self.layers: dict[int, list[LayerCache]] = {}  # layer -> its groups' shares, by head
         for g in groups:
             for p, layer in enumerate(g.layers):
