@@ -34,7 +34,13 @@ from store.models import (
     Step,
 )
 from store.reader import RunReader
-from store.trace_file import SCHEMAS, TraceFile, read_trace_file, write_trace_file
+from store.trace_file import (
+    MAX_UNCOMPRESSED_BYTES,
+    SCHEMAS,
+    TraceFile,
+    read_trace_file,
+    write_trace_file,
+)
 
 _INSERT_CHUNK = 20_000
 
@@ -64,9 +70,11 @@ def export_run(store: Store, run_id: int, path: str | Path) -> Path:
     return path
 
 
-def import_run(store: Store, path: str | Path) -> int:
-    """Validate and insert the run in `path`; returns its new run id."""
-    trace = read_trace_file(path)
+def import_run(store: Store, path: str | Path,
+               max_bytes: int = MAX_UNCOMPRESSED_BYTES) -> int:
+    """Validate and insert the run in `path`; returns its new run id. `max_bytes` caps what
+    the archive may unpack to (a zip bomb is refused before anything is inflated)."""
+    trace = read_trace_file(path, max_bytes=max_bytes)
     values = _run_values(trace.run)
     try:
         with store.write() as conn:

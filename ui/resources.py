@@ -113,8 +113,15 @@ def _request_events(url: str, run_id: int, rev: str) -> pd.DataFrame:
     return RunReader(_store(url)).request_events(run_id)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _labelled_request_events(url: str, run_id: int, rev: str) -> pd.DataFrame:
+    return analysis.with_request_labels(_request_events(url, run_id, rev),
+                                        _requests(url, run_id, rev))
+
+
 def request_events(run_id: int, rev: str) -> pd.DataFrame:
-    return _request_events(db_url(), run_id, rev)
+    """The run's request events, each with its request's label (the workload file's id)."""
+    return _labelled_request_events(db_url(), run_id, rev)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
