@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.config import SamplingConfig
-from engine.sampling import Sampler, row_seed, sample
+from engine.sampling import Sampler, _mix32_, row_seed, sample
 
 VOCAB = 1000
 GREEDY = SamplingConfig()
@@ -193,3 +193,20 @@ def test_draws_survive_last_bit_noise_in_the_logits() -> None:
 def test_row_seeds_differ_for_nearby_ids_and_positions() -> None:
     seeds = {row_seed(s, r, p) for s in range(3) for r in range(30) for p in range(30)}
     assert len(seeds) == 3 * 30 * 30 and all(0 <= x < 2**64 for x in seeds)
+
+
+def _fmix32(x: int) -> int:
+    """murmur3's finaliser in plain Python: the reference the int32 tensor version must match."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_the_token_hash_matches_its_reference() -> None:
+    """Draws depend on int32 products wrapping modulo 2^32; this pins the hash bit for bit."""
+    values = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF, 49151]
+    lanes = torch.tensor([v - 2**32 if v >= 2**31 else v for v in values], dtype=torch.int32)
+    _mix32_(lanes)
+    assert [v & 0xFFFFFFFF for v in lanes.tolist()] == [_fmix32(v) for v in values]
