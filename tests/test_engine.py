@@ -181,15 +181,16 @@ def test_seeded_sampling_is_reproducible(tiny_model):
 
 def test_sampled_tokens_do_not_depend_on_batching_preemption_or_budget(tiny_model):
     """Each request samples from its own stream (run seed, request id, position): one at a time,
-    eight at once, or preempted and recomputed under a tight budget, its tokens are the same."""
+    all at once, or preempted and recomputed under a tight budget, its tokens are the same."""
+    # Small on purpose: top_p 0.95 over a random model's flat logits sorts the whole vocabulary.
     requests = [WorkloadRequest(i, prompt_token_ids=[7] * 24 + [i] * (3 + 2 * i),
-                                max_tokens=12 + i) for i in range(8)]
+                                max_tokens=10 + i) for i in range(6)]
     sampling = SamplingConfig(temperature=0.8, top_p=0.95, ignore_eos=True)
     knobs = dict(block_size=8, max_model_len=64, seed=3, sampling=sampling)
     alone, _ = run_requests(tiny_model, requests, max_num_seqs=1, num_blocks=64, **knobs)
     batched, sink = run_requests(tiny_model, requests, max_num_seqs=8, num_blocks=64, **knobs)
     tight, _ = run_requests(tiny_model, requests, max_num_seqs=8, num_blocks=12, **knobs)
-    assert max(s.num_running for s in sink.steps) == 8 and batched.summary.num_preemptions == 0
+    assert max(s.num_running for s in sink.steps) == 6 and batched.summary.num_preemptions == 0
     assert tight.summary.num_preemptions > 0
     assert alone.output_token_ids == batched.output_token_ids == tight.output_token_ids
 
