@@ -213,9 +213,7 @@ def _read_table(zf: zipfile.ZipFile, where: str, name: str,
         raise StoreError(f"{where}: {name}.parquet does not match its sha256 in the manifest; "
                          "the file is damaged or edited, export the run again")
     try:  # checked before parsing: a damaged file with a checksum never reaches the parser
-        # One thread: the tables are small, and pyarrow 26's threaded read has been seen to
-        # abort the process at exit ("terminate called without an active exception").
-        table = pq.read_table(io.BytesIO(data), use_threads=False)
+        table = pq.read_table(io.BytesIO(data))
     except (pa.ArrowException, OSError, MemoryError) as exc:
         raise StoreError(f"{where}: {name}.parquet is unreadable ({_one_line(exc)})") from exc
     schema = SCHEMAS[name]
