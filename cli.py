@@ -2,7 +2,7 @@
 
     python cli.py generate --prompt "..." [--chat] --max-tokens N [--temperature T --seed S]
     python cli.py run [--model smollm2|tiny] [--workload NAME|FILE] [--num-blocks N | --kv-budget
-        64MiB] [--no-prefix-caching] [--json] [--db URL]
+        64MiB] [--no-prefix-caching] [--max-requests N] [--json] [--db URL]
     python cli.py runs | export RUN_ID FILE | import FILE [--copy] | delete RUN_ID   (the store)
     python cli.py quality --kv-dtype int4 [--kv-rotate] [--json]   (a cache format's cost)
     python cli.py sweep --base config.json --axis block_size=8,16 [--axis ...] (Ray sweeps;
@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a workload and print a summary")
     run.add_argument("--workload", default="shared-prefix",
                      help="a preset name (shared-prefix, prompts, mixed, chat, long) or a "
-                          "JSON-lines file")
+                          "file: JSON lines, an OpenAI batch input file or ShareGPT JSON")
+    run.add_argument("--max-requests", type=int, default=100_000,
+                     help="refuse a workload file with more requests than this")
+    run.add_argument("--max-workload-bytes", default="256MiB",
+                     help="refuse a workload file larger than this, e.g. 1GiB")
     run.add_argument("--block-size", type=int, default=16)
     budget = run.add_mutually_exclusive_group()
     budget.add_argument("--num-blocks", type=int)
@@ -118,13 +122,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.trace import ListSink
-    from engine.workload import WorkloadError, build_workload
 
     config = _config_from_args(args, max_model_len=args.max_model_len)
-    try:
-        requests = build_workload(config.workload, config.seed)
-    except WorkloadError as exc:
-        raise CliError(str(exc)) from exc
+    requests = _workload(config, args)
     progress = (_Progress(sum(r.max_tokens for r in requests))
                 if sys.stderr.isatty() and not args.json else None)
     writer = _open_writer(args, config)
@@ -148,6 +148,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary)
     return 0
+
+
+def _workload(config, args: argparse.Namespace) -> list:
+    """The run's requests; a file's detected format is announced (on stderr with --json, so
+    stdout stays one JSON object)."""
+    from engine.config import ConfigError, parse_bytes
+    from engine.workload import (
+        WorkloadError,
+        WorkloadLimits,
+        build_workload,
+        by_arrival,
+        read_workload_file,
+    )
+
+    try:
+        limits = WorkloadLimits(max_requests=args.max_requests,
+                                max_bytes=parse_bytes(args.max_workload_bytes))
+    except ConfigError as exc:
+        raise CliError(f"cannot read --max-workload-bytes {args.max_workload_bytes!r} as a "
+                       "size; write e.g. 256MiB or 1GiB") from exc
+    if limits.max_requests < 1 or limits.max_bytes < 1:
+        raise CliError("--max-requests and --max-workload-bytes must be at least 1")
+    try:
+        if config.workload.kind != "file":
+            return build_workload(config.workload, config.seed, limits=limits)
+        loaded = read_workload_file(config.workload.path, limits=limits)
+    except WorkloadError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"workload: {loaded.describe()}", file=sys.stderr if args.json else sys.stdout,
+          flush=True)
+    return by_arrival(loaded.requests)
 
 
 def _open_writer(args: argparse.Namespace, config):
@@ -210,8 +241,8 @@ def _workload_spec(text: str):
 
     if text.endswith((".jsonl", ".json")) or Path(text).is_file():
         if not Path(text).is_file():
-            raise CliError(f"workload file {text} does not exist; give a JSON-lines file or a "
-                           "preset name")
+            raise CliError(f"workload file {text} does not exist; give a workload file (JSON "
+                           "lines, OpenAI batch or ShareGPT) or a preset name")
         return WorkloadSpec(kind="file", path=str(Path(text).resolve()))
     return WorkloadSpec(kind="preset", name=text)
 

@@ -76,11 +76,11 @@ class SamplingConfig:
 
 @dataclass(slots=True)
 class WorkloadSpec:
-    """Which requests a run serves: a named preset, a JSON-lines file, or synthetic settings."""
+    """Which requests a run serves: a named preset, a workload file, or synthetic settings."""
 
     kind: str = "preset"
     name: str = "shared-prefix"  # preset name (engine.workload.PRESETS)
-    path: str | None = None  # JSON-lines file for kind == "file"
+    path: str | None = None  # workload file for kind == "file" (engine/workload_formats.py)
     num_requests: int = 16
     arrival_rate: float = 0.0  # requests per second, Poisson; 0 = all arrive at t=0
     prompt_len_min: int = 16
@@ -95,7 +95,7 @@ class WorkloadSpec:
         if self.kind not in WORKLOAD_KINDS:
             raise ConfigError("workload.kind", f"{self.kind!r} is not one of {WORKLOAD_KINDS}")
         if self.kind == "file" and not self.path:
-            raise ConfigError("workload.path", "a file workload needs a path to a JSON-lines file")
+            raise ConfigError("workload.path", "a file workload needs the path of a workload file")
         for name in ("num_requests", "prompt_len_min", "output_len_min", "num_turns"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"workload.{name}", "must be at least 1")

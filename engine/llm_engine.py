@@ -67,7 +67,7 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         )
         self.runner = ModelRunner(loaded, self.kv_cache)
-        self.sampler = Sampler.from_seed(config.seed, self.device)
+        self.sampler = Sampler(config.seed)
         self.memory = MemoryProbe(self.device)
         self.telemetry: TelemetrySampler | None = None  # set by engine.run while it runs
         self.bandwidth = bandwidth(self.device)  # bytes/s, for each decode step's roofline
@@ -101,6 +101,11 @@ class LLMEngine:
             return (f"the prompt has {seq.num_prompt_tokens} tokens but max_model_len is "
                     f"{self.max_model_len} (room is needed for one generated token); shorten "
                     "the prompt or raise max_model_len")
+        vocab = self.loaded.config.vocab_size
+        outside = next((t for t in seq.token_ids if not 0 <= t < vocab), None)
+        if outside is not None:  # the embedding lookup would fail in the middle of a step
+            return (f"token id {outside} is outside the model's vocabulary (0..{vocab - 1}); "
+                    "check the prompt_token_ids")
         return None
 
     def step(self, clock_start: float) -> StepOutput:
@@ -121,7 +126,11 @@ class LLMEngine:
         tokens: list[int] = []
         if sched.batch:
             logits = self.runner.execute(sched.batch)
-            tokens = self.sampler(logits, self.config.sampling)
+            # Each row draws from its request's own stream at its next output position, so a
+            # request's tokens do not depend on its batch, preemptions or the KV budget.
+            keys = [(seq.request_id, seq.num_output_tokens) for seq, n in sched.batch
+                    if seq.num_computed_tokens + n == seq.num_tokens]
+            tokens = self.sampler(logits, self.config.sampling, keys)
             for group_id, request_id, mass in self.runner.attention_mass:
                 self.kv_cache_manager.add_attention(group_id, request_id, mass)
         now = time.monotonic() - clock_start
@@ -217,4 +226,5 @@ class LLMEngine:
             finish_t=seq.finish_t,
             num_preemptions=seq.num_preemptions,
             finish_reason=seq.finish_reason or "aborted",
+            label=seq.label,
         )

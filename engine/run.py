@@ -58,7 +58,7 @@ def run(
     """
     loaded = model if model is not None else load_model_for(config)
     if requests is None:
-        requests = build_workload(config.workload, config.seed)
+        requests = build_workload(config.workload, config.seed, tokenizer=loaded.tokenizer)
     engine = LLMEngine(config, loaded)
     sequences = [_to_sequence(r, loaded) for r in requests]
     record_telemetry = getattr(sink, "record_telemetry", None)
@@ -135,7 +135,8 @@ def _serve(engine: LLMEngine, config: RunConfig, sink: TraceSink, arrivals: dequ
 def _to_sequence(request: WorkloadRequest, loaded: LoadedModel) -> Sequence:
     ids = request.token_ids(loaded.tokenizer)
     return Sequence(request_id=request.request_id, token_ids=list(ids),
-                    num_prompt_tokens=len(ids), max_tokens=request.max_tokens)
+                    num_prompt_tokens=len(ids), max_tokens=request.max_tokens,
+                    label=request.label)
 
 
 class _StepTotals:

@@ -1,6 +1,7 @@
 """Trace types: the contract between the engine, the store and the dashboard pages.
 
-All times are seconds from run start (monotonic clock); ids are integers. Steps are numbered
+All times are seconds from run start (monotonic clock); ids are integers (a workload file's
+own request ids are kept as `RequestRecord.label`). Steps are numbered
 from 1; the keyframe with step 0 is the state before the first step. Block events carry the
 step they happened in and are emitted in order; replaying them in order on top of the nearest
 earlier keyframe rebuilds the block state at any step (see `apply_block_event`).
@@ -122,6 +123,7 @@ class RequestRecord:
     finish_t: float | None
     num_preemptions: int
     finish_reason: str  # "stop" | "length" | "rejected: <why>" | "aborted"
+    label: str | None = None  # the workload file's own id for the request ("q0", a custom_id)
 
 
 @dataclass(slots=True)

@@ -105,12 +105,12 @@ def step_view() -> None:
         st.vega_lite_chart(block_grid.free_queue_spec(queue), width="content")
         st.markdown(f"**Events of step {step}**")
         step_events = resources.block_events_at(run_id, step, rev)
-        req_events = events.loc[events["step"] == step, ["request_id", "kind"]]
+        req_events = events.loc[events["step"] == step, ["request_id", "label", "kind"]]
         if step_events.empty and req_events.empty:
             st.caption("No block or request events in this step.")
         if not req_events.empty:
             st.dataframe(req_events, hide_index=True,
-                         column_config={"kind": "request event"})
+                         column_config={"kind": "request event", "label": "file id"})
         if not step_events.empty:
             st.dataframe(step_events.drop(columns=["step"]), hide_index=True)
     left, right = st.columns(2)

@@ -38,7 +38,13 @@ from store.models import (
     TelemetryRow,
 )
 from store.reader import RunReader
-from store.trace_file import SCHEMAS, TraceFile, read_trace_file, write_trace_file
+from store.trace_file import (
+    MAX_UNCOMPRESSED_BYTES,
+    SCHEMAS,
+    TraceFile,
+    read_trace_file,
+    write_trace_file,
+)
 
 _INSERT_CHUNK = 20_000
 
@@ -68,14 +74,16 @@ def export_run(store: Store, run_id: int, path: str | Path) -> Path:
     return path
 
 
-def import_run(store: Store, path: str | Path, *, allow_copy: bool = False) -> int:
+def import_run(store: Store, path: str | Path, *, allow_copy: bool = False,
+               max_bytes: int = MAX_UNCOMPRESSED_BYTES) -> int:
     """Validate and insert the run in `path`; returns its new run id.
 
     A file whose bytes were imported before is refused with DuplicateImportError (nothing
     written) unless `allow_copy`; a copy records the same hash, so later imports still find
-    the first run.
+    the first run. `max_bytes` caps what the archive may unpack to (a zip bomb is refused
+    before anything is inflated).
     """
-    trace = read_trace_file(path)
+    trace = read_trace_file(path, max_bytes=max_bytes)
     digest = file_sha256(path)
     values = {**_run_values(trace.run), "import_sha256": digest}
     try:
