@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="smollm2 (bundled) or tiny (random)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), "
-                                                        "fp32, bf16, fp16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on CUDA and on CPUs with bf16 instructions, else "
+                             "fp32), fp32, bf16, fp16")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)

@@ -7,7 +7,7 @@ prints the median measured step, the median bound and their ratio (target at bat
 for the CPU's default dtype and for fp32, each run twice, interleaved, reporting the better.
 It also times the same run with the telemetry sampler on and off (target: ratio <= 1.02).
 
-    python bench/roofline.py [--json] [--tokens 64]
+    python bench/roofline.py [--json] [--tokens 64] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print a JSON summary last")
     parser.add_argument("--tokens", type=int, default=64, help="decode steps per run")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
-    base = RunConfig(model="smollm2", device="cpu", max_model_len=32 + args.tokens + 1,
+    base = RunConfig(model="smollm2", device=args.device, max_model_len=32 + args.tokens + 1,
                      num_blocks=128, max_num_seqs=8,
                      sampling=SamplingConfig(ignore_eos=True),
                      workload=WorkloadSpec(kind="preset", name="prompts"))
-    default = base.resolved_dtype("cpu")
+    default = base.resolved_dtype(args.device)
     dtypes = [default] + (["fp32"] if default != "fp32" else [])
     models = {d: load_model_for(base.replace(dtype=d)) for d in dtypes}
     rows = []
@@ -64,7 +65,7 @@ def main() -> None:
         sampler.setdefault(hz, []).append(decode_steps(config, models[default], 8,
                                                        args.tokens)[0])
     overhead = min(sampler[10.0]) / min(sampler[0.0])
-    print(f"SmolLM2 decode steps on this CPU (default dtype {default}); bound = (weights + KV "
+    print(f"SmolLM2 decode steps on {args.device} (default dtype {default}); bound = (weights + KV "
           "in use) / measured read bandwidth")
     print(f"{'batch':>6} {'dtype':>6} {'step ms':>9} {'bound ms':>9} {'ratio':>7}")
     for r in rows:
@@ -74,7 +75,8 @@ def main() -> None:
     print(f"telemetry sampler on / off, batch 8 step time: {overhead:.3f} (target <= 1.02)")
     batch1 = next(r for r in rows if r["batch"] == 1 and r["default"])
     if args.json:
-        print(json.dumps({"bench": "roofline", "default_dtype": default, "rows": rows,
+        print(json.dumps({"bench": "roofline", "device": args.device, "default_dtype": default,
+                          "rows": rows,
                           "telemetry_overhead": round(overhead, 3),
                           "pass": batch1["ratio"] <= 2.0 and overhead <= 1.02}))
 
