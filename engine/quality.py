@@ -38,9 +38,10 @@ class QualityError(ValueError):
     """Input the harness cannot score (too short a text, no texts); the message says why."""
 
 
-def held_set(num_passages: int = 8) -> list[str]:
-    """The bundled passages (engine/data/heldout, public domain; see its README)."""
+def held_set(num_passages: int | None = 8) -> list[str]:
+    """The bundled passages (engine/data/heldout, public domain; see its README); None: all."""
     files = sorted(HELD_SET_DIR.glob("*.txt"))
+    num_passages = len(files) if num_passages is None else num_passages
     if num_passages > len(files):
         raise QualityError(f"the held set has {len(files)} passages, not {num_passages}; "
                            "ask for fewer or give --text-file")
