@@ -59,7 +59,7 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
         )
-        self.runner = ModelRunner(loaded, self.kv_cache)
+        self.runner = ModelRunner(loaded, self.kv_cache, config.mla_path)
         self.sampler = Sampler.from_seed(config.seed, self.device)
         self.memory = MemoryProbe(self.device)
         self.max_model_len = config.resolved_max_model_len

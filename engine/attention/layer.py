@@ -7,18 +7,24 @@ to the backend with that share's metadata. With one group (the usual case) it is
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from engine.attention.backends import TorchPagedAttention
 from engine.attention.metadata import AttentionMetadata
 from engine.kv_cache.storage import LayerCache
 
+if TYPE_CHECKING:
+    from engine.attention.mla import MLAAttention
+    from engine.attention.mla_paged import LatentProjections
+
 
 class Attention:
     """Owns the layer's cache shares and its backend (chosen once); stateless between steps."""
 
     def __init__(self, layer: int, caches: list[LayerCache], num_heads: int, num_kv_heads: int,
-                 backend: TorchPagedAttention) -> None:
+                 backend: TorchPagedAttention | MLAAttention) -> None:
         covered = [h for c in caches for h in c.kv_heads]
         if covered != list(range(num_kv_heads)):
             raise ValueError(f"layer {layer}: cache shares cover KV heads {covered}, "
@@ -43,3 +49,10 @@ class Attention:
             out[:, q_heads] = self.backend.forward(
                 q[:, q_heads], k[:, heads], v[:, heads], cache, metadata[cache.group_id])
         return out
+
+    def forward_latent(self, q: torch.Tensor, latent: torch.Tensor, up: LatentProjections,
+                       metadata: list[AttentionMetadata]) -> torch.Tensor:
+        """MLA: q (T, H, Dn + Dr), the new cache entries (T, W) and the layer's up-projections
+        -> (T, H, Dv). A latent cache has one entry per token, so one share per layer."""
+        (cache,) = self.caches
+        return self.backend.forward(q, latent, up, cache, metadata[cache.group_id])
