@@ -5,7 +5,7 @@
     python cli.py run [--model smollm2|tiny|mla-lite|mla-tiny|FOLDER] [--workload NAME|FILE]
         [--num-blocks N | --kv-budget 64MiB] [--no-prefix-caching] [--mla-path auto|absorbed|
         expanded] [--json] [--db URL]
-    python cli.py runs | export RUN_ID FILE | import FILE | delete RUN_ID   (the trace store)
+    python cli.py runs | export RUN_ID FILE | import FILE [--copy] | delete RUN_ID   (the store)
     python cli.py quality --kv-dtype int4 [--kv-rotate] [--json]   (a cache format's cost)
     python cli.py convert-mla --rank R [--rope-dims D] [--out FOLDER]   (SmolLM2 as MLA; see
         engine/models/mla_convert.py)
@@ -276,6 +276,8 @@ def _print_summary(s: dict) -> None:
                                f"allocated: {s.get('kv_allocated_bytes_per_token')})"),
         ("KV cache groups", _groups_line(s.get("kv_groups") or [], s.get("kv_page_size_bytes"))),
     ]
+    if s.get("gpu_note"):
+        rows.append(("GPU telemetry", s["gpu_note"]))
     for label, value in rows:
         print(f"{label:>20}: {value}")
 

@@ -37,6 +37,19 @@ def register(sub: argparse._SubParsersAction, add_engine_arguments, add_db_argum
     add_db_argument(q)
     q.set_defaults(handler=cmd_quality)
 
+    c = sub.add_parser("calibrate-heads",
+                       help="score each KV head's need for its full cache (DuoAttention)")
+    c.add_argument("--sink", type=int, default=4)
+    c.add_argument("--recent", type=int, default=128)
+    c.add_argument("--full-fraction", type=float, default=0.5,
+                   help="share of KV heads that keep the full cache in the policy printed")
+    c.add_argument("--context", type=int, default=1024)
+    c.add_argument("--num-queries", type=int, default=32)
+    c.add_argument("--passages", type=int, default=2)
+    c.add_argument("--json", action="store_true")
+    add_engine_arguments(c)
+    c.set_defaults(handler=cmd_calibrate_heads)
+
 
 EXIT_BAD_INPUT = 2
 
@@ -96,6 +109,45 @@ def _quality(args: argparse.Namespace) -> int:
         print(json.dumps(figures))
     else:
         _print(figures)
+    return 0
+
+
+def cmd_calibrate_heads(args: argparse.Namespace) -> int:
+    try:
+        return _calibrate(args)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from engine.config import ConfigError, RunConfig
+    from engine.head_calibration import score_heads
+    from engine.quality import QualityError, held_set, passage_tokens
+    from engine.run import load_model_for
+
+    if not 0 <= args.full_fraction <= 1 or args.num_queries >= args.context:
+        raise CliError("--full-fraction must be in 0..1 and --num-queries below --context")
+    try:
+        config = RunConfig(model=args.model, device=args.device, dtype=args.dtype,
+                           max_model_len=min(args.context + 1, _context_limit(args.model)))
+        loaded = load_model_for(config)
+        passages = passage_tokens(held_set(args.passages), loaded.tokenizer, args.context)
+    except (ConfigError, QualityError) as exc:
+        raise CliError(str(exc)) from exc
+    result = score_heads(loaded, passages, sink=args.sink, recent=args.recent,
+                         num_queries=args.num_queries)
+    policy = result.policy(args.full_fraction, f"window({args.sink},{args.recent})")
+    if args.json:
+        print(json.dumps({"scores": result.scores, "sink": args.sink, "recent": args.recent,
+                          "policy": policy}))
+        return 0
+    print(f"attention mass outside a window of {args.sink} sink + {args.recent} recent tokens,"
+          f" per KV head ({args.passages} held-set passages, last {args.num_queries} of "
+          f"{args.context} tokens):")
+    for layer, row in enumerate(result.scores):
+        print(f"  layer {layer:>2}: " + "  ".join(f"h{h} {s:.3f}" for h, s in enumerate(row)))
+    print(f"policy (top {100 * args.full_fraction:.0f} % of heads full):\n{policy}")
     return 0
 
 

@@ -15,22 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.decode_timing import decode_tokens_per_s  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
-from engine.quality import (  # noqa: E402
-    PassageCache,
-    evaluate_many,
-    held_set,
-    passage_tokens,
-)
+from engine.quality import evaluate_many, held_set, passage_tokens  # noqa: E402
 from engine.run import load_model_for  # noqa: E402
 
 TARGETS = {"int8": (1.9, 0.005, 0.99), "int4": (3.5, 0.05, 0.95), "fp8": (2.0, None, None)}
@@ -60,31 +54,9 @@ def quality(loaded, passages, args) -> list[dict]:
 
 
 def decode_speed(loaded, passages, args) -> dict[str, float]:
-    """Median decode step time per format; all caches hold the same passages."""
     base = RunConfig(model="smollm2", device="cpu", max_model_len=args.context + 1)
-    formats = ["fp32", "bf16", "fp8", "int8", "int4"]
-    caches = {}
-    for kv in formats:
-        # room for the timed decode steps after a full context
-        cache = PassageCache(base.replace(kv_dtype=kv), loaded, passages, args.context,
-                             args.context + args.decode_steps)
-        with torch.inference_mode():
-            while cache.seqs[0].num_computed_tokens < args.context:
-                n = min(256, args.context - cache.seqs[0].num_computed_tokens)
-                cache.step([(s, n) for s in cache.seqs])
-        caches[kv] = cache
-    times: dict[str, list[float]] = {kv: [] for kv in formats}
-    with torch.inference_mode():
-        for i in range(args.decode_steps):
-            for kv in formats:  # interleaved: a noisy neighbour hits every format alike
-                cache = caches[kv]
-                for seq in cache.seqs:
-                    seq.token_ids.append(passages[seq.request_id][i % len(passages[0])])
-                start = time.perf_counter()
-                cache.step([(s, 1) for s in cache.seqs])
-                times[kv].append(time.perf_counter() - start)
-    batch = len(passages)
-    return {kv: batch / statistics.median(t[2:]) for kv, t in times.items()}
+    configs = {kv: base.replace(kv_dtype=kv) for kv in ("fp32", "bf16", "fp8", "int8", "int4")}
+    return decode_tokens_per_s(configs, loaded, passages, args.context, args.decode_steps)
 
 
 def main() -> None:

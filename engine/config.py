@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.kv_cache.layout import PolicyError, make_groups, parse_policy
+from engine.kv_cache.retention import max_blocks_per_request, parse_retention
 from engine.kv_cache.spec import KV_FORMATS, QUANTIZED_BITS, KVCacheGroup
 from engine.models.config import MODEL_CONFIGS, ModelConfig
 from engine.models.hf_config import ModelFolderError, looks_like_path, read_folder_config
@@ -165,12 +166,13 @@ class RunConfig:
             raise ConfigError("policy", str(exc).removeprefix("policy: ")) from exc
         except ValueError as exc:  # a format this model's shapes cannot take
             raise ConfigError("kv_dtype", str(exc)) from exc
-        needed = len(groups) * math.ceil(self.resolved_max_model_len / bs)
+        needed = sum(max_blocks_per_request(parse_retention(g.policy),
+                                            self.resolved_max_model_len, bs,
+                                            self.max_num_batched_tokens) for g in groups)
         have = self.resolved_num_blocks
         if have < needed:
             source = ("num_blocks" if self.kv_budget_bytes is None else "kv_budget_bytes")
-            per_group = ("" if len(groups) == 1 else
-                         f" ({needed // len(groups)} in each of its {len(groups)} groups)")
+            per_group = ("" if len(groups) == 1 else f" over its {len(groups)} groups")
             raise ConfigError(
                 source,
                 f"the KV cache has {have} blocks of {bs} tokens but one full-length request "

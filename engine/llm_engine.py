@@ -113,12 +113,14 @@ class LLMEngine:
         if sched.batch:
             logits = self.runner.execute(sched.batch)
             tokens = self.sampler(logits, self.config.sampling)
+            for group_id, request_id, mass in self.runner.attention_mass:
+                self.kv_cache_manager.add_attention(group_id, request_id, mass)
         now = time.monotonic() - clock_start
         finished = self._update_sequences(sched, tokens, now, request_events)
         block_events = self.kv_cache_manager.drain_events()
         if self.kv_cache.residual is not None:  # open blocks the pool took back
             self.kv_cache.residual.release([e.block_id for e in block_events if e.ref_count == 0
-                                            and e.kind in ("free", "free_head")])
+                                            and e.kind in ("free", "free_head", "drop")])
         record = self._step_record(sched, block_events, num_decode, len(tokens), started,
                                    clock_start)
         return StepOutput(record, block_events, request_events, finished)

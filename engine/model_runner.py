@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.attention import paged
+from engine.attention import paged, scores
 from engine.attention.backends import select_backend
 from engine.attention.layer import Attention
 from engine.attention.metadata import AttentionMetadata
+from engine.kv_cache.retention import parse_retention
 from engine.kv_cache.storage import PagedKVCache
 from engine.models.loader import LoadedModel
 from engine.sequence import Sequence
@@ -23,6 +24,7 @@ class StepInputs:
     metadata: list[AttentionMetadata]  # one per KV cache group
     logits_indices: torch.Tensor  # (N,) rows of the hidden states to turn into logits
     fresh_blocks: torch.Tensor | None  # blocks receiving their first token this step
+    order: list[int]  # request ids in the step's token order (prefill items, then decodes)
 
 
 class ModelRunner:
@@ -46,6 +48,10 @@ class ModelRunner:
                       select_backend(kv_cache.spec, self.device, scale, workspace, mla_path))
             for layer in range(config.num_layers)
         ]
+        # groups whose retention policy scores blocks by attention (h2o, snapkv)
+        self.scored = {g.group_id: parse_retention(g.policy) for g in kv_cache.groups
+                       if parse_retention(g.policy).needs_attention}
+        self.attention_mass: list[tuple[int, int, np.ndarray]] = []  # last step's
 
     def execute(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
         """Compute `n` new tokens of each (seq, n); return fp32 logits (N, vocab) for the items
@@ -58,6 +64,10 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata,
                                 self.attention)  # (T, C)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (N, V)
+        self.attention_mass = [
+            (g, rid, mass.cpu().numpy()) for g in self.scored
+            for rid, mass in zip(inputs.order, scores.collected(inputs.metadata[g]),
+                                 strict=True) if mass is not None]
         if self.kv_cache.residual is not None:  # completed blocks are quantized now
             for meta in inputs.metadata:
                 self.kv_cache.residual.release(meta.complete_blocks.tolist())
@@ -89,12 +99,18 @@ class ModelRunner:
             fresh.append(slots[slots % self.block_size == 0] // self.block_size)
         fresh_blocks = np.concatenate(fresh)
         rows = [last_row[i] for i in range(len(batch)) if i in last_row]
+        for g, retention in self.scored.items():
+            items = [(n, s.num_computed_tokens + n, s.num_prompt_tokens,
+                      len(metadata[g].prefill_block_tables[j]))
+                     for j, (_, s, n) in enumerate(prefill)]
+            scores.prepare(metadata[g], retention.name, retention.window, items, len(decode))
         return StepInputs(
             input_ids=self._to_device(np.asarray(ids, dtype=np.int64)),
             positions=self._to_device(flat_positions),
             metadata=metadata,
             logits_indices=self._to_device(np.asarray(rows, dtype=np.int64)),
             fresh_blocks=self._to_device(fresh_blocks) if len(fresh_blocks) else None,
+            order=[s.request_id for _, s, _ in prefill] + [s.request_id for _, s in decode],
         )
 
     def _group_metadata(self, g: int, prefill: list[tuple[int, Sequence, int]],

@@ -94,15 +94,18 @@ class PassageCache:
                 raise RuntimeError("the quality harness sized its pool too small")  # a bug
             seq.block_tables = self.kv.block_tables(seq.request_id)
         logits = self.runner.execute(batch)
-        self._release_freed()
+        for group_id, request_id, mass in self.runner.attention_mass:
+            self.kv.add_attention(group_id, request_id, mass)
         for seq, n in batch:
             seq.num_computed_tokens += n
+            self.kv.retain(seq.request_id, seq.num_computed_tokens, seq.num_prompt_tokens)
+        self._release_freed()
         return logits
 
     def _release_freed(self) -> None:
         if self.storage.residual is not None:
             freed = [e.block_id for e in self.kv.drain_events()
-                     if e.ref_count == 0 and e.kind in ("free", "free_head")]
+                     if e.ref_count == 0 and e.kind in ("free", "free_head", "drop")]
             self.storage.residual.release(freed)
         else:
             self.kv.drain_events()

@@ -157,6 +157,7 @@ def _summarise(config: RunConfig, engine: LLMEngine, records: list[RequestRecord
         dtype=str(engine.loaded.dtype).removeprefix("torch."),
         kv_dtype=engine.kv_dtype_name,
         stopped=stopped,
+        gpu_note=engine.memory.gpu_note,
     )
 
 

@@ -32,6 +32,7 @@ class RunSummary:
     # measured: the allocated storage tensors' bytes over the token slots they hold
     kv_allocated_bytes_per_token: float = 0.0
     kv_groups: list[dict[str, Any]] = field(default_factory=list)  # KVCacheGroup.to_dict()
+    gpu_note: str | None = None  # why the steps carry no NVML readings (telemetry.MemoryProbe)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

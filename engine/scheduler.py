@@ -74,10 +74,11 @@ class Scheduler:
 
     def update_computed(self, seq: Sequence, num_new: int) -> None:
         """`num_new` more of the request's tokens are in the cache: register its blocks that
-        became full (prefix caching), in every group."""
+        became full (prefix caching), and let each group's retention policy give blocks back."""
         seq.num_computed_tokens += num_new
         if self.enable_prefix_caching:
             self.kv_cache.cache_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+        self.kv_cache.retain(seq.request_id, seq.num_computed_tokens, seq.num_prompt_tokens)
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished request's blocks (hashed ones stay cached for later hits)."""

@@ -28,14 +28,26 @@ def read_rss_bytes() -> int | None:
 
 
 class MemoryProbe:
-    """Reads memory once per step. NVML is opened once; without a GPU it reports nothing."""
+    """Reads memory once per step. NVML is opened once; without a GPU it reports nothing, and
+    `gpu_note` says why in one line (for the run summary, not per step)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.nvml_handle = None
-        self.nvml_error: str | None = None
+        self.nvml_error: str | None = None  # why there are no NVML readings
         if device.type == "cuda":
             self.nvml_handle, self.nvml_error = _open_nvml(device.index or 0)
+        else:
+            self.nvml_error = f"the run's device is {device.type}"
+
+    @property
+    def gpu_note(self) -> str | None:
+        """'no NVIDIA GPU (why)' when the steps carry no NVML readings, else None."""
+        if self.nvml_handle is not None:
+            return None
+        if self.device.type == "cuda":  # a GPU, but NVML cannot read it: torch's figures only
+            return f"no NVIDIA GPU readings ({self.nvml_error}); memory from torch's allocator only"
+        return f"no NVIDIA GPU ({self.nvml_error}); memory is the process RSS"
 
     def read(self) -> MemoryReading:
         reading = MemoryReading(rss_bytes=read_rss_bytes())
@@ -65,4 +77,4 @@ def _open_nvml(index: int):
         pynvml.nvmlInit()
         return pynvml.nvmlDeviceGetHandleByIndex(index), None
     except pynvml.NVMLError as exc:
-        return None, f"no NVIDIA GPU ({exc})"
+        return None, f"NVML: {exc}"

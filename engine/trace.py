@@ -22,9 +22,12 @@ from typing import Literal, Protocol
 
 # "free" drops one reference; a block that reaches 0 joins the free queue's tail (evicted
 # last). "free_head" is a free to 0 of a block with no hash, which can never serve a prefix hit,
-# so it joins the head (reused first), as vLLM 0.33 does. Codes are indexes: only append.
-BlockEventKind = Literal["allocate", "touch", "cache", "free", "evict", "free_head"]
-BLOCK_EVENT_KINDS: tuple[str, ...] = ("allocate", "touch", "cache", "free", "evict", "free_head")
+# so it joins the head (reused first), as vLLM 0.33 does. "drop" is a retention policy giving a
+# block back mid-request (its `reason` says why); at 0 it joins the tail if hashed, else the
+# head. Codes are indexes: only append.
+BlockEventKind = Literal["allocate", "touch", "cache", "free", "evict", "free_head", "drop"]
+BLOCK_EVENT_KINDS: tuple[str, ...] = ("allocate", "touch", "cache", "free", "evict", "free_head",
+                                      "drop")
 
 RequestEventKind = Literal["arrive", "schedule", "first_token", "preempt", "finish"]
 REQUEST_EVENT_KINDS: tuple[str, ...] = ("arrive", "schedule", "first_token", "preempt", "finish")
@@ -73,6 +76,7 @@ class BlockEvent:
     ref_count: int
     block_hash: str | None = None  # hex, set on "cache" (and on "touch"/"evict" of a hashed block)
     group_id: int = 0
+    reason: str | None = None  # a "drop": the policy's reason (out of window, lowest mass, ...)
 
 
 @dataclass(slots=True)
@@ -162,7 +166,8 @@ def apply_block_event(state: BlockState, event: BlockEvent) -> None:
     allocate pops a free block (ref 0 -> 1); touch of a free cached block revives it (0 -> 1);
     free to ref 0 appends the block at the tail, free_head puts it at the head (the pool emits
     the free_heads of one release in reverse, so that inserting them one by one at the head
-    rebuilds their order); evict drops the hash of a block being reused.
+    rebuilds their order); a drop to 0 goes to the tail if the block is hashed, else to the
+    head (emitted in the same order); evict drops the hash of a block being reused.
     """
     b = event.block_id
     was_free = state.ref_counts[b] == 0
@@ -172,12 +177,13 @@ def apply_block_event(state: BlockState, event: BlockEvent) -> None:
         state.groups[b] = event.group_id
         if was_free and event.ref_count > 0:
             state.free_queue.remove(b)
-    elif event.kind in ("free", "free_head"):
+    elif event.kind in ("free", "free_head", "drop"):
         if event.ref_count == 0:
             state.owners[b] = None
-            if state.block_hashes[b] is None:
+            hashed = state.block_hashes[b] is not None
+            if not hashed:
                 state.groups[b] = None
-            if event.kind == "free":
+            if event.kind == "free" or (event.kind == "drop" and hashed):
                 state.free_queue.append(b)
             else:
                 state.free_queue.insert(0, b)

@@ -8,12 +8,13 @@
 """
 
 from store.db import Store, open_store
-from store.errors import StoreError
+from store.errors import DuplicateImportError, StoreError
 from store.portable import delete_run, export_run, import_run
 from store.reader import RunInfo, RunReader
 from store.writer import RunWriter
 
 __all__ = [
+    "DuplicateImportError",
     "RunInfo",
     "RunReader",
     "RunWriter",

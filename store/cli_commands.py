@@ -32,7 +32,8 @@ def add_db_argument(parser: argparse.ArgumentParser) -> None:
 def register_commands(subparsers: argparse._SubParsersAction) -> None:
     runs = subparsers.add_parser("runs", help="list stored runs, newest first")
     runs.add_argument("--json", action="store_true",
-                      help="print a JSON array of {run_id, name, status, steps, created}")
+                      help="print a JSON array of {run_id, name, status, steps, created, "
+                           "imported}")
     runs.add_argument("--status", choices=("running", "finished", "failed", "interrupted"))
     runs.add_argument("--limit", type=int, help="show at most this many runs")
     add_db_argument(runs)
@@ -46,6 +47,8 @@ def register_commands(subparsers: argparse._SubParsersAction) -> None:
 
     imp = subparsers.add_parser("import", help="add a run from a trace file; prints its new id")
     imp.add_argument("file", metavar="FILE")
+    imp.add_argument("--copy", action="store_true",
+                     help="import even if this file was imported before (a second, identical run)")
     add_db_argument(imp)
     imp.set_defaults(handler=_guarded(cmd_import))
 
@@ -81,7 +84,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         df = RunReader(store).list_runs(status=args.status, limit=args.limit)
     rows = [{"run_id": int(r.run_id), "name": None if pd.isna(r.name) else r.name,
              "status": r.status,
-             "steps": int(r.num_steps), "created": r.created_at.isoformat(timespec="seconds")}
+             "steps": int(r.num_steps), "created": r.created_at.isoformat(timespec="seconds"),
+             "imported": bool(r.imported)}
             for r in df.itertuples()]
     if args.json:
         print(json.dumps(rows))
@@ -91,8 +95,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     print(f"{'id':>5}  {'status':<11}  {'steps':>7}  {'created (UTC)':<19}  name")
     for r in rows:
+        mark = " (imported)" if r["imported"] else ""
         print(f"{r['run_id']:>5}  {r['status']:<11}  {r['steps']:>7}  {r['created']:<19}  "
-              f"{r['name'] or ''}")
+              f"{r['name'] or ''}{mark}")
     return 0
 
 
@@ -105,7 +110,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     with _store_for(args) as store:
-        run_id = import_run(store, args.file)
+        run_id = import_run(store, args.file, allow_copy=args.copy)
     print(f"run id: {run_id}")
     return 0
 

@@ -37,7 +37,7 @@ BUSY_TIMEOUT_MS = 30_000
 
 # The schema version this code writes. To change the schema: bump it and add a step to
 # MIGRATIONS that takes a database from version N-1 to N (plain DDL on the connection).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 
 
 def _migrate_add_block_groups(conn: Connection) -> None:
@@ -75,8 +75,22 @@ def _migrate_add_sweeps(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_runs_sweep_id ON runs (sweep_id)"))
 
 
+def _migrate_add_drop_reasons(conn: Connection) -> None:
+    """5: retention policies' `drop` events say why a block went (out of window, ...)."""
+    conn.execute(text("ALTER TABLE block_events ADD COLUMN reason TEXT"))
+
+
+def _migrate_add_import_hash(conn: Connection) -> None:
+    """6: imported runs. The SHA-256 of the trace file a run was imported from (NULL for runs
+    recorded here, so every older run reads as recorded here); indexed because every import
+    looks its hash up. The index name is the one `index=True` gives a fresh database."""
+    conn.execute(text("ALTER TABLE runs ADD COLUMN import_sha256 VARCHAR(64)"))
+    conn.execute(text("CREATE INDEX ix_runs_import_sha256 ON runs (import_sha256)"))
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
-    2: _migrate_add_block_groups, 3: _migrate_add_quality_results, 4: _migrate_add_sweeps}
+    2: _migrate_add_block_groups, 3: _migrate_add_quality_results, 4: _migrate_add_sweeps,
+    5: _migrate_add_drop_reasons, 6: _migrate_add_import_hash}
 
 
 def utcnow() -> datetime:

@@ -67,6 +67,9 @@ class Run(Base):
     opening the store can tell a live writer from one that was killed (see store.liveness).
     `heartbeat_at` is refreshed by the writer and covers writers on other hosts.
     `num_steps` is the last committed step, updated in the same transaction as the steps.
+    `import_sha256` is the SHA-256 of the trace file a run was imported from (None for a run
+    recorded here): it marks the run as imported and lets a second import of the same file be
+    refused (store.portable.import_run).
     """
 
     __tablename__ = "runs"
@@ -86,6 +89,7 @@ class Run(Base):
     writer_pid: Mapped[int | None] = mapped_column(Integer)
     writer_host: Mapped[str | None] = mapped_column(String(255))
     writer_started: Mapped[float | None] = mapped_column(Float)
+    import_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
     # Headline figures copied out of the summary so runs can be sorted/filtered in SQL;
     # the whole RunSummary lives in `summary`.
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)

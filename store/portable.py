@@ -2,24 +2,27 @@
 
 The file format is described in store.trace_file. Import validates the whole file first and
 then inserts the run in one transaction under a new run id, so a bad file or a failure halfway
-leaves the database as it was.
+leaves the database as it was. The run row keeps the SHA-256 of the file's bytes: it marks the
+run as imported, and a second import of the same file is refused (two identical runs with
+nothing to tell them apart) unless a copy is asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy import Connection, delete, func, insert, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from engine.trace import BLOCK_EVENT_KINDS, REQUEST_EVENT_KINDS, Keyframe
 from store.db import Store, utcnow
-from store.errors import StoreError
+from store.errors import DuplicateImportError, StoreError
 from store.keyframes import encode_keyframe
 from store.liveness import writer_alive
 from store.models import (
@@ -64,12 +67,24 @@ def export_run(store: Store, run_id: int, path: str | Path) -> Path:
     return path
 
 
-def import_run(store: Store, path: str | Path) -> int:
-    """Validate and insert the run in `path`; returns its new run id."""
+def import_run(store: Store, path: str | Path, *, allow_copy: bool = False) -> int:
+    """Validate and insert the run in `path`; returns its new run id.
+
+    A file whose bytes were imported before is refused with DuplicateImportError (nothing
+    written) unless `allow_copy`; a copy records the same hash, so later imports still find
+    the first run.
+    """
     trace = read_trace_file(path)
-    values = _run_values(trace.run)
+    digest = file_sha256(path)
+    values = {**_run_values(trace.run), "import_sha256": digest}
     try:
         with store.write() as conn:
+            existing = _imported_as(conn, digest)
+            if existing is not None and not allow_copy:
+                raise DuplicateImportError(
+                    f"{path}: already imported as run {existing} (same file contents); nothing "
+                    "was changed; to add a second copy anyway use `python cli.py import FILE "
+                    "--copy`", existing)
             run_id = conn.execute(insert(Run).values(**values).returning(Run.id)).scalar_one()
             for model, rows in _child_rows(run_id, trace.tables):
                 for start in range(0, len(rows), _INSERT_CHUNK):
@@ -78,6 +93,27 @@ def import_run(store: Store, path: str | Path) -> int:
         reason = str(exc).strip().splitlines()[0]
         raise StoreError(f"{path}: could not be imported ({reason}); nothing was changed") from exc
     return run_id
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _imported_as(conn: Connection, digest: str) -> int | None:
+    """The first run imported from a file with this hash, if any.
+
+    Called inside the import's write transaction: on SQLite BEGIN IMMEDIATE already serialises
+    writers; on PostgreSQL an advisory lock per hash makes two simultaneous imports of one file
+    take turns, so the second sees the first's row.
+    """
+    if conn.dialect.name == "postgresql":
+        key = int.from_bytes(bytes.fromhex(digest[:16]), "big", signed=True)
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    return conn.execute(select(func.min(Run.id)).where(Run.import_sha256 == digest)).scalar()
 
 
 def delete_run(store: Store, run_id: int) -> None:

@@ -40,7 +40,7 @@ BLOCK_EVENT_DTYPES = pandas_dtypes(BlockEvent)
 REQUEST_EVENT_DTYPES = pandas_dtypes(RequestEvent)
 REQUEST_DTYPES = pandas_dtypes(RequestRecord)
 RUN_COLUMNS = ("run_id", "name", "status", "model", "device", "created_at", "finished_at",
-               "num_steps", "tags", "error")
+               "num_steps", "tags", "error", "imported")
 
 
 def frame(rows: list[Any], dtypes: dict[str, str]) -> pd.DataFrame:
@@ -61,6 +61,11 @@ class RunInfo:
     model: str | None
     tags: list[str]
     num_steps: int
+    import_sha256: str | None = None  # the trace file's hash for an imported run
+
+    @property
+    def imported(self) -> bool:
+        return self.import_sha256 is not None
 
 
 class RunReader:
@@ -104,7 +109,8 @@ class RunReader:
             record = {"run_id": run.id, "name": run.name, "status": run.status,
                       "model": run.model, "device": run.device, "created_at": run.created_at,
                       "finished_at": run.finished_at, "num_steps": run.num_steps,
-                      "tags": list(run.tags or []), "error": run.error}
+                      "tags": list(run.tags or []), "error": run.error,
+                      "imported": run.import_sha256 is not None}
             for key, value in (run.summary or {}).items():
                 record.setdefault(key, value)  # the run row wins on a name clash (device)
             records.append(record)
@@ -121,7 +127,7 @@ class RunReader:
                              "upgrade kvlab to the version that recorded it") from exc
         return RunInfo(run.id, run.name, run.status, config, dict(run.summary or {}), run.error,
                        run.created_at, run.finished_at, run.device, run.model,
-                       list(run.tags or []), run.num_steps)
+                       list(run.tags or []), run.num_steps, run.import_sha256)
 
     def steps(self, run_id: int) -> pd.DataFrame:
         query = _select(Step, STEP_COLUMNS).where(Step.run_id == run_id).order_by(Step.step)

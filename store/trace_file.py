@@ -1,8 +1,8 @@
 """The portable trace file: one run in one file, so a GPU box can record and a laptop replay.
 
-Format (`FORMAT_VERSION` 2): a zip archive (suggested name `run-<id>.kvtrace.zip`) holding
+Format (`FORMAT_VERSION` 3): a zip archive (suggested name `run-<id>.kvtrace.zip`) holding
 
-- `manifest.json`: `{"format": "kvlab-trace", "format_version": 2, "exported_at": ISO time,
+- `manifest.json`: `{"format": "kvlab-trace", "format_version": 3, "exported_at": ISO time,
   "run": {name, tags, status, config (the RunConfig as a JSON object), summary, error, device,
   model, created_at, finished_at, num_steps}, "tables": {TABLE: {"file": "TABLE.parquet",
   "rows": N}}}`
@@ -47,8 +47,9 @@ from store.trace_columns import arrow_schema, trace_columns
 
 FORMAT = "kvlab-trace"
 # 2: block events carry `group_id` and keyframes `groups` (KV cache groups); a version 1 file
-# lacks both and imports with the defaults (everything in group 0).
-FORMAT_VERSION = 2
+# lacks both and imports with the defaults (everything in group 0). 3: retention policies'
+# `drop` events and their `reason` (older files have neither).
+FORMAT_VERSION = 3
 MAX_UNCOMPRESSED_BYTES = 8 * 1024**3
 RUN_FIELDS = ("name", "tags", "status", "config", "summary", "error", "device", "model",
               "created_at", "finished_at", "num_steps")

@@ -259,7 +259,7 @@ def test_blocks_given_back_mid_request_leave_the_null_block() -> None:
     assert kv.remove_blocks(1, 0, [0, 1]) == [0, 1]
     # the table keeps its length: positions still map to slots; the null block is masked
     assert table(kv, 1) == [kv.null_block, kv.null_block, 2]
-    assert kinds(kv) == [("free", 0, 1, 0), ("free", 1, 1, 0)]  # hashed: cached free
+    assert kinds(kv) == [("drop", 0, 1, 0), ("drop", 1, 1, 0)]  # hashed: cached free
     assert kv.num_cached_free_blocks == 2
     kv.check_invariants()
     kv.free(1)  # the null slots are skipped

@@ -3,7 +3,8 @@ server this test starts on 127.0.0.1 with a fresh database.
 
 Home -> "Run the demo" (the bundled SmolLM2, about a minute or two on a CPU) -> the demo's
 replay -> move the step slider -> the grid and charts are drawn. Screenshots go to artifacts/
-(git-ignored) and docs/screenshot.png (the README's picture).
+(git-ignored). The README's picture, docs/screenshot.png, is a tracked file: it is replaced only
+on purpose, with `KVLAB_UPDATE_SCREENSHOT=1` (what scripts/screenshot.sh sets).
 """
 
 from __future__ import annotations
@@ -11,20 +12,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from streamlit_server import CHROMIUM, ROOT, streamlit_server
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "artifacts"
 DEMO_TIMEOUT_S = 480  # model load + the demo on a busy 2-core CPU; usually one to two minutes
+README_PICTURE = ROOT / "docs" / "screenshot.png"
+UPDATE_PICTURE = os.environ.get("KVLAB_UPDATE_SCREENSHOT") == "1"
 
 pytestmark = pytest.mark.browser
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
@@ -33,45 +29,12 @@ if not CHROMIUM.exists():
                 "`apt-get install chromium` to run the browser tests", allow_module_level=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def server(tmp_path):
-    """`streamlit run app.py` on a free local port with its own SQLite file; yields the URL."""
-    port = free_port()
-    env = {**os.environ, "KVLAB_DB_URL": f"sqlite:///{tmp_path / 'kvlab.db'}"}
-    log = (tmp_path / "streamlit.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
-         "--server.port", str(port), "--server.headless", "true",
-         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("streamlit did not start:\n" +
-                                   (tmp_path / "streamlit.log").read_text())
-            time.sleep(0.3)
+def server(tmp_path: Path):
+    """The dashboard with its own SQLite file; yields the URL."""
+    with streamlit_server(f"sqlite:///{tmp_path / 'kvlab.db'}",
+                          tmp_path / "streamlit.log") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and nothing else
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def drawn_charts(page) -> int:
@@ -112,6 +75,7 @@ def test_demo_from_home_to_replay(server):
             page.wait_for_timeout(1500)  # let Vega finish drawing the new step
             assert drawn_charts(page) >= 7
             page.screenshot(path=str(ARTIFACTS / "browser-3-replay-moved.png"))
-            shutil.copy(ARTIFACTS / "browser-3-replay-moved.png", ROOT / "docs" / "screenshot.png")
+            if UPDATE_PICTURE:
+                shutil.copy(ARTIFACTS / "browser-3-replay-moved.png", README_PICTURE)
         finally:
             browser.close()

@@ -1,6 +1,6 @@
-"""The store against the real engine: block_state_at equals the block manager's own state at
+"""The store against the real engine: block_state_at equals the block pool's own state at
 every step of a recorded run (tiny random model, a workload that forces prefix hits, frees,
-evictions and preemptions)."""
+evictions, preemptions and a window layer's drops)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from engine.trace import BLOCK_EVENT_KINDS, Keyframe
 from store import RunReader, RunWriter
 
 CONFIG = RunConfig(
-    model="tiny", num_blocks=24, block_size=16, max_model_len=256, max_num_seqs=4,
+    model="tiny", num_blocks=32, block_size=16, policy="0:full; 1:window(4,32)",
+    max_model_len=256, max_num_seqs=4,
     max_num_batched_tokens=128, keyframe_interval=7, seed=3,
     sampling=SamplingConfig(ignore_eos=True),
     workload=WorkloadSpec(kind="synthetic", num_requests=8, arrival_rate=0.0,

@@ -168,7 +168,8 @@ def test_cli_commands(trace_store, tmp_path: Path, capsys: pytest.CaptureFixture
     listed = json.loads(capsys.readouterr().out)
     assert [(r["run_id"], r["name"], r["status"], r["steps"]) for r in listed] == [
         (writer.run_id, "cli run", "finished", 20)]
-    assert set(listed[0]) == {"run_id", "name", "status", "steps", "created"}
+    assert set(listed[0]) == {"run_id", "name", "status", "steps", "created", "imported"}
+    assert listed[0]["imported"] is False
     assert _cli(["export", str(writer.run_id), str(tmp_path / "t.zip"), *db]) == 0
     assert _cli(["import", str(tmp_path / "t.zip"), *db]) == 0
     new_id = int(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("run id: "))

@@ -32,6 +32,7 @@ from store import (
     open_store,
 )
 from store.models import CHILD_TABLES
+from store.portable import file_sha256
 from store.reader import BLOCK_EVENT_DTYPES, REQUEST_DTYPES, STEP_DTYPES, frame
 
 SUMMARY = RunSummary(
@@ -112,7 +113,8 @@ def test_export_import_round_trip(trace_store, make_db_url, tmp_path: Path) -> N
         for method in ("steps", "block_events", "request_events", "requests"):
             pd.testing.assert_frame_equal(getattr(a, method)(run_id), getattr(b, method)(new_id))
         info_a, info_b = a.run_info(run_id), b.run_info(new_id)
-        assert dataclasses.replace(info_a, run_id=new_id) == info_b
+        assert dataclasses.replace(info_a, run_id=new_id, import_sha256=file_sha256(path)) == info_b
+        assert not info_a.imported and info_b.imported
         for step in (0, 1, 9, 10, 11, 137, 250):
             assert b.block_state_at(new_id, step).to_keyframe(step) == truth[step]
             assert b.block_state_at(new_id, step) == a.block_state_at(run_id, step)
@@ -172,7 +174,7 @@ def test_import_refuses_bad_files(trace_store, tmp_path: Path) -> None:
         "not a zip": garbage,
         "damaged|not a zip|truncated": truncated,
         "newer than this kvlab": _rewrite(good, tmp_path / "v99.zip", {"manifest.json": manifest
-                                          .replace('"format_version": 2', '"format_version": 99')
+                                          .replace('"format_version": 3', '"format_version": 99')
                                           .encode()}),
         "lacks required columns": _rewrite(good, tmp_path / "cols.zip",
                                            {"steps.parquet": other_columns}),

@@ -1,10 +1,14 @@
-"""The chart builders and frame shapers in ui/ (no Streamlit script runs here)."""
+"""The chart builders and frame shapers in ui/ that the pages use (no Streamlit script runs
+here): each chart is checked for its mark, its encodings (field and type) and the rows it
+draws."""
 
 from __future__ import annotations
 
-import altair as alt
+from typing import Any
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from engine.config import ConfigError
@@ -44,6 +48,105 @@ def test_block_mix_splits_free_into_cached_and_not():
     assert row["free, cached"] == 10 and row["free"] == 54
 
 
+def encodings(view: dict[str, Any]) -> dict[str, tuple[str, str | None]]:
+    """{channel: (field, type)} of a Vega-Lite view's encodings that name a field (type None
+    where Vega-Lite takes it from the paired channel, as x2 does)."""
+    return {channel: (enc["field"], enc.get("type")) for channel, enc in view["encoding"].items()
+            if isinstance(enc, dict) and "field" in enc}
+
+
+def rows(spec: dict[str, Any], view: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The rows a spec (or one of its layers) draws: inline values or its named dataset."""
+    data = (view or {}).get("data") or spec["data"]
+    if "values" in data:
+        return data["values"]
+    named = spec["datasets"][data["name"]]
+    return named.to_pylist() if isinstance(named, pa.Table) else named
+
+
+def test_series_chart_draws_one_line_of_the_column():
+    df = analysis.step_metrics(steps_frame(12))
+    spec = charts.series_chart(df, "evictions").to_dict()
+    assert spec["mark"]["type"] == "line" and spec["title"] == "evictions (cumulative)"
+    assert encodings(spec)["x"] == ("step", "quantitative")
+    assert encodings(spec)["y"] == ("evictions", "quantitative")
+    drawn = rows(spec)
+    assert [r["step"] for r in drawn] == list(range(1, 13))
+    assert [r["evictions"] for r in drawn] == list(range(1, 13))  # one eviction per step
+    assert set(drawn[0]) == {"step", "evictions"}  # only the columns it draws go to the browser
+
+
+def test_block_mix_chart_stacks_the_three_block_states():
+    mix = analysis.block_mix(steps_frame(4))
+    spec = charts.block_mix_chart(mix).to_dict()
+    assert spec["mark"]["type"] == "area"
+    enc = encodings(spec)
+    assert enc["x"] == ("step", "quantitative") and enc["y"] == ("blocks", "quantitative")
+    assert enc["color"] == ("state", "nominal")
+    assert spec["encoding"]["y"]["stack"] == "zero"
+    assert spec["encoding"]["color"]["scale"]["domain"] == ["in use", "free, cached", "free"]
+    drawn = rows(spec)
+    assert len(drawn) == 12  # 4 steps x 3 states
+    at_1 = {r["state"]: r["blocks"] for r in drawn if r["step"] == 1}
+    used = int(steps_frame(4)["blocks_used"].iloc[0])
+    assert at_1 == {"in use": used, "free, cached": 10, "free": 54}
+
+
+def test_with_step_rule_layers_a_rule_on_a_copy():
+    spec = charts.series_chart(analysis.step_metrics(steps_frame(6)), "hit_rate").to_dict()
+    ruled = charts.with_step_rule(spec, 4)
+    assert "layer" not in spec and spec["mark"]["type"] == "line"  # the cached spec is intact
+    assert list(spec["datasets"]) != [charts.STEP_RULE_DATA]
+    line, rule = ruled["layer"]
+    assert line["mark"]["type"] == "line" and encodings(line)["y"] == ("hit_rate", "quantitative")
+    assert rule["mark"]["type"] == "rule" and rows(ruled, rule) == [{"step": 4}]
+    assert encodings(rule)["x"] == ("step", "quantitative")
+    assert len(rows(ruled, line)) == 6  # the line keeps its data
+    # Only the data differs from step to step: the browser keeps the chart and swaps its data.
+    later = charts.with_step_rule(spec, 5)
+    assert rows(later, later["layer"][1]) == [{"step": 5}]
+    assert {k: v for k, v in later.items() if k != "datasets"} == \
+        {k: v for k, v in ruled.items() if k != "datasets"}
+
+
+def test_with_step_rule_goes_on_top_of_a_layered_chart():
+    layered = {"layer": [{"mark": {"type": "bar"}, "encoding": {}}],
+               "data": {"values": [{"step": 1}]}}
+    ruled = charts.with_step_rule(layered, 2, color="#111827")
+    assert [layer["mark"]["type"] for layer in ruled["layer"]] == ["bar", "rule"]
+    assert ruled["layer"][-1]["mark"]["color"] == "#111827"
+    assert list(ruled["datasets"]) == [charts.STEP_RULE_DATA]
+    assert rows(ruled, ruled["layer"][-1]) == [{"step": 2}]
+    assert len(layered["layer"]) == 1 and "datasets" not in layered
+
+
+@pytest.mark.parametrize("name", ["tokens_per_s", "hit_rate", "preemptions", "blocks"])
+def test_live_spec_draws_what_the_altair_builder_draws(name):
+    df = analysis.step_metrics(steps_frame(9))
+    rows_in = analysis.block_mix(df) if name == "blocks" else df
+    built = (charts.block_mix_chart(rows_in) if name == "blocks"
+             else charts.series_chart(rows_in, name)).to_dict()
+    live = charts.live_spec(name, rows_in)
+    view_keys = ("mark", "encoding", "transform", "title")
+    assert {k: live.get(k) for k in view_keys} == {k: built.get(k) for k in view_keys}
+    assert live["data"] == {"name": charts.LIVE_DATA}
+    assert rows(live) == rows(built)  # same rows, same order, only the drawn columns
+    live["datasets"].clear()  # Streamlit edits the specs it is given: the template stays whole
+    assert len(rows(charts.live_spec(name, rows_in))) == len(rows(built)) > 0
+
+
+def test_overlay_chart_colours_each_run():
+    both = analysis.stack_runs({"a": analysis.step_metrics(steps_frame(5)),
+                                "b": analysis.step_metrics(steps_frame(8))})
+    spec = charts.overlay_chart(both, "hit_rate").to_dict()
+    assert spec["mark"]["type"] == "line" and spec["title"] == "prefix hit rate (cumulative)"
+    enc = encodings(spec)
+    assert enc["color"] == ("run", "nominal") and enc["y"] == ("hit_rate", "quantitative")
+    drawn = rows(spec)
+    assert [r["run"] for r in drawn] == ["a"] * 5 + ["b"] * 8
+    assert drawn[-1]["step"] == 8 and drawn[-1]["hit_rate"] == pytest.approx(0.5)
+
+
 def test_latency_percentiles_from_request_records():
     requests = pd.DataFrame({
         "request_id": [0, 1, 2], "arrival_t": [0.0, 0.0, 1.0], "prompt_tokens": 4,
@@ -55,7 +158,14 @@ def test_latency_percentiles_from_request_records():
     assert lat["tpot_s"].iloc[0] == pytest.approx(0.1) and np.isnan(lat["tpot_s"].iloc[1])
     table = analysis.latency_percentiles({"a": requests})
     assert table.loc[0, "TPOT p50 (ms)"] == pytest.approx(100.0)
-    assert isinstance(charts.percentile_chart(table, "TTFT").to_dict(), dict)
+    spec = charts.percentile_chart(table, "TTFT").to_dict()
+    assert spec["mark"]["type"] == "bar" and spec["title"] == "TTFT (ms)"
+    enc = encodings(spec)
+    assert enc["x"] == ("percentile", "nominal") and enc["xOffset"] == ("run", "nominal")
+    assert enc["y"] == ("ms", "quantitative")
+    drawn = {r["percentile"]: r["ms"] for r in rows(spec)}
+    assert list(drawn) == ["p50", "p90", "p99"]
+    assert drawn["p50"] == pytest.approx(375.0)  # TTFT 0.5 s and 0.25 s
 
 
 def test_config_diff_lists_only_differing_nested_fields():
@@ -77,34 +187,65 @@ def test_request_segments_follow_the_life_cycle():
     assert one[["start", "end"]].values.tolist() == [[0, 1], [1, 3], [3, 5], [5, 6]]
     two = seg[seg["request_id"] == 2]
     assert two["state"].tolist() == ["waiting", "running"] and two["end"].iloc[-1] == 9
-    chart = timeline.request_timeline_chart(seg, step=4)
-    assert isinstance(chart, alt.LayerChart)
+    spec = timeline.request_timeline_chart(seg, title="request timeline").to_dict()
+    assert spec["mark"]["type"] == "bar" and spec["title"] == "request timeline"
+    enc = encodings(spec)
+    assert enc["x"] == ("start", "quantitative") and enc["x2"][0] == "end"
+    assert enc["y"] == ("request_id", "ordinal") and enc["color"] == ("state", "nominal")
+    drawn = rows(spec)
+    assert len(drawn) == len(seg) == 6
+    assert [(r["request_id"], r["state"], r["start"], r["end"]) for r in drawn[:2]] == [
+        (1, "waiting", 0, 1), (1, "running", 1, 3)]
+
+
+STATE = BlockState(ref_counts=[0, 1, 2, 0], block_hashes=[None, "ab", "cd", "ef"],
+                   owners=[None, 7, 8, None], free_queue=[3, 0])
 
 
 def test_block_frame_colours_by_state_and_labels_shared_blocks():
-    state = BlockState(ref_counts=[0, 1, 2, 0], block_hashes=[None, "ab", "cd", "ef"],
-                       owners=[None, 7, 8, None], free_queue=[3, 0])
-    frame = block_grid.block_frame(state, columns=2)
+    frame = block_grid.block_frame(STATE, columns=2)
     assert frame["state"].tolist() == ["free", "in use", "in use", "free, cached"]
     assert frame[["x", "y"]].values.tolist() == [[0, 0], [1, 0], [0, 1], [1, 1]]
     assert frame["label"].tolist() == ["", "", "2", ""]
     assert frame["owner"].tolist()[1] == "request 7"
-    queue = block_grid.free_queue_frame(state)
+    queue = block_grid.free_queue_frame(STATE)
     assert queue["block_id"].tolist() == [3, 0]
     assert queue["state"].tolist() == ["free, cached", "free"]
-    spec = block_grid.block_grid_chart(frame).to_dict()
-    assert len(spec["datasets"][next(iter(spec["datasets"]))]) == 4
-    block_grid.free_queue_chart(queue).to_dict()
 
 
-def test_series_charts_carry_a_rule_at_the_current_step():
-    df = analysis.step_metrics(steps_frame(20))
-    spec = charts.series_chart(df, "tokens_per_s", step=7).to_dict()
-    assert spec["layer"][1]["mark"]["type"] == "rule"
-    assert isinstance(charts.block_mix_chart(analysis.block_mix(df), step=3).to_dict(), dict)
-    both = analysis.compare_frame({"a": steps_frame(5), "b": steps_frame(8)})
-    assert set(both["run"]) == {"a", "b"}
-    assert isinstance(charts.overlay_chart(both, "hit_rate").to_dict(), dict)
+@pytest.mark.parametrize(("blocks", "columns"), [(1, 8), (64, 16), (512, 32), (100_000, 64)])
+def test_grid_columns_make_a_roughly_two_to_one_grid(blocks, columns):
+    assert block_grid.grid_columns(blocks) == columns
+
+
+def test_block_grid_spec_draws_one_cell_per_block():
+    frame = block_grid.block_frame(STATE, columns=2)
+    spec = block_grid.block_grid_spec(frame, title="KV blocks after step 3")
+    assert spec["title"] == "KV blocks after step 3"
+    rects, labels = spec["layer"][:2]  # (then the lane titles of a grid with several groups)
+    assert rects["mark"]["type"] == "rect" and labels["mark"]["type"] == "text"
+    enc = encodings(rects)
+    assert enc["x"] == ("x", "ordinal") and enc["y"] == ("y", "ordinal")
+    assert enc["color"] == ("state", "nominal")
+    assert encodings(labels)["text"] == ("label", "nominal")
+    assert rows(spec) == frame.to_dict("records")
+    spec["datasets"]["blocks"].clear()  # Streamlit may edit a spec: the template stays whole
+    again = block_grid.block_grid_spec(frame, title="KV blocks after step 4")
+    assert len(rows(again)) == 4 and again["title"] == "KV blocks after step 4"
+
+
+def test_free_queue_spec_shows_the_head_of_the_queue_in_order():
+    spec = block_grid.free_queue_spec(block_grid.free_queue_frame(STATE))
+    assert spec["title"] == "Free queue: 2 blocks, LRU first"
+    rects = spec["layer"][0]
+    assert rects["mark"]["type"] == "rect" and encodings(rects)["color"] == ("state", "nominal")
+    assert [(r["position"], r["block_id"], r["state"]) for r in rows(spec)] == [
+        (0, 3, "free, cached"), (1, 0, "free")]
+    n = 300
+    long = BlockState([0] * n, [None] * n, [None] * n, list(range(n)))
+    spec = block_grid.free_queue_spec(block_grid.free_queue_frame(long), limit=256)
+    assert spec["title"] == "Free queue: 300 blocks, LRU first (256 shown)"
+    assert [r["block_id"] for r in rows(spec)] == list(range(256))
 
 
 FORM = {"model": "tiny", "device": "cpu", "dtype": "auto", "kv_dtype": "auto", "seed": 0,

@@ -76,6 +76,9 @@ def test_a_tiny_workload_runs_from_the_form_into_the_database(store):
     assert any("Finished" in s.value for s in at.success)
     assert len(at.get("vega_lite_chart")) == 4  # throughput, blocks, hit rate, preemptions
     assert [m.label for m in at.metric][:2] == ["output tokens/s", "prefix hit rate"]
+    # on a CPU the summary says once that there are no GPU readings
+    notes = [c.value for c in at.caption if "NVIDIA" in c.value]
+    assert notes == [live.summary["gpu_note"]] and notes[0].startswith("no NVIDIA GPU (")
 
 
 def test_stop_ends_the_run_cleanly_as_interrupted(store):
@@ -131,6 +134,20 @@ def test_a_bad_layer_policy_is_explained_under_its_widget(store):
     assert at.button(key="run").disabled
     at.text_input(key="cfg_policy").set_value("0:full; 1:full").run()
     assert not errors_beside(at, "cfg_policy") and not at.button(key="run").disabled
+
+
+def test_a_policy_preset_fills_the_policy_field_for_the_model(store):
+    at = open_page()
+    at.selectbox(key="cfg_policy_preset").set_value(
+        "full first and last layers, window elsewhere").run()
+    assert at.text_input(key="cfg_policy").value == "0:full; 1-28:window(4,256); 29:full"
+    at.selectbox(key="cfg_model").set_value("tiny").run()
+    options = at.selectbox(key="cfg_policy_preset").options
+    assert "full first and last layers, window elsewhere" not in options  # only 2 layers
+    at.selectbox(key="cfg_policy_preset").set_value(
+        "DuoAttention-style: half the KV heads full, the rest sink + window").run()
+    assert at.text_input(key="cfg_policy").value == "0-1/h0:full; 0-1/h1:window(4,128)"
+    assert not errors_beside(at, "cfg_policy")
 
 
 def test_a_bad_workload_file_names_the_line(store):

@@ -75,3 +75,33 @@ def test_latest_runs_are_listed_and_a_trace_file_imports(store, tmp_path):
     assert len(RunReader(store).list_runs()) == 2
     at.run()  # a rerun must not import the same upload again
     assert len(RunReader(store).list_runs()) == 2
+
+
+def test_a_file_imported_before_is_not_imported_again_unless_asked(store, tmp_path):
+    from engine.run import run
+    from store import RunWriter, import_run
+
+    writer = RunWriter(store, tiny_config(), name="seeded")
+    writer.close(summary=run(tiny_config(), writer).summary.to_dict())
+    path = export_run(store, writer.run_id, tmp_path / "seeded.kvtrace.zip")
+    first = import_run(store, path)
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
+    table = at.dataframe[0].value.set_index("run_id")
+    assert table.loc[[first, writer.run_id], "imported"].tolist() == [True, False]
+    at.file_uploader(key="home_import").upload(path.name, path.read_bytes(), "application/zip")
+    at.run()
+    assert not at.exception and not at.error and not at.success
+    assert [w.value for w in at.warning] == [
+        f"seeded.kvtrace.zip is already imported as run #{first}; nothing was added."]
+    assert len(RunReader(store).list_runs()) == 2
+    at.run()  # a rerun neither imports nor loses the offer
+    assert len(RunReader(store).list_runs()) == 2 and at.warning
+    at.button(key="home_import_copy").click().run()
+    assert not at.exception
+    runs = RunReader(store).list_runs()
+    assert len(runs) == 3 and runs["imported"].tolist() == [True, True, False]
+    copy = int(runs["run_id"].iloc[0])
+    assert [s.value for s in at.success] == [f"Imported seeded.kvtrace.zip as run #{copy}."]
+    at.run()  # the copy is made once
+    assert len(RunReader(store).list_runs()) == 3

@@ -21,7 +21,7 @@ from engine.trace import (
     apply_block_event,
 )
 from store import RunReader, RunWriter, import_run
-from ui import widgets
+from ui import charts, widgets
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = "pages/2_Replay.py"
@@ -59,6 +59,12 @@ def charts_by_title(at: AppTest) -> dict[str, object]:
     return out
 
 
+def named_dataset(proto, name: str) -> list[dict]:
+    """A chart's named dataset, as Streamlit sent it (Arrow IPC bytes)."""
+    data = next(d.data.data for d in proto.datasets if d.name == name)
+    return pa.ipc.open_stream(data).read_all().to_pylist()
+
+
 def grid_of(at: AppTest):
     grids = [p for t, p in charts_by_title(at).items() if t.startswith("KV blocks after step")]
     assert len(grids) == 1, list(charts_by_title(at))
@@ -90,9 +96,10 @@ def test_the_slider_changes_the_block_grid(store, tiny_model):
     after = grid_of(at)
     assert json.loads(after.spec)["title"] == f"KV blocks after step {middle}"
     assert [d.data.data for d in after.datasets] != [d.data.data for d in before.datasets]
-    # the rule on the time series follows the slider
-    spec = json.loads(charts_by_title(at)["throughput (tokens/s)"].spec)
-    assert spec["layer"][-1]["data"]["values"] == [{"step": middle}]
+    # the rule on the time series follows the slider (its step is data, the spec stays put)
+    chart = charts_by_title(at)["throughput (tokens/s)"]
+    assert json.loads(chart.spec)["layer"][-1]["data"] == {"name": charts.STEP_RULE_DATA}
+    assert named_dataset(chart, charts.STEP_RULE_DATA) == [{"step": middle}]
 
 
 def test_a_run_with_two_kv_cache_groups_draws_one_lane_per_group(store, tiny_model):

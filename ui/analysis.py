@@ -131,12 +131,6 @@ def stack_runs(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def compare_frame(steps_by_run: dict[str, pd.DataFrame], max_points: int = 1500) -> pd.DataFrame:
-    """Derived step metrics of several runs' StepRecord frames, stacked with a `run` column."""
-    return stack_runs({label: downsample(step_metrics(steps), max_points)
-                       for label, steps in steps_by_run.items()})
-
-
 SUMMARY_FIELDS = {
     "output_tokens_per_s": "output tokens/s", "prefix_hit_rate": "prefix hit rate",
     "num_preemptions": "preemptions", "num_evictions": "evictions",

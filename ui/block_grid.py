@@ -94,14 +94,10 @@ def _block_row(state: BlockState, b: int, x: int, y: int) -> dict[str, Any]:
     }
 
 
-def block_grid_chart(frame: pd.DataFrame, *, title: str = "KV blocks") -> alt.LayerChart:
-    """The grid: colour by state, opacity and a label by ref count, owner and hash on hover."""
-    return _grid_chart(frame, _columns_of(frame), title)
-
-
 def block_grid_spec(frame: pd.DataFrame, *, title: str = "KV blocks") -> dict[str, Any]:
-    """`block_grid_chart(frame).to_dict()`, but from a template built once per grid shape,
-    so Replay redraws the grid at each step without rebuilding (and revalidating) the chart."""
+    """The grid as a Vega-Lite dict: colour by state, opacity and a label by ref count, owner
+    and hash on hover. From a template built once per grid shape, so Replay redraws the grid
+    at each step without rebuilding (and revalidating) the chart."""
     spec = copy.deepcopy(_grid_template(_columns_of(frame)))  # Streamlit may edit it
     spec["title"] = title
     spec["datasets"] = {GRID_DATA: frame.to_dict("records")}
@@ -153,14 +149,9 @@ def free_queue_frame(state: BlockState) -> pd.DataFrame:
     )
 
 
-def free_queue_chart(queue: pd.DataFrame, *, limit: int = MAX_QUEUE_CELLS) -> alt.LayerChart:
-    """The queue's head in reading order (first cell: evicted next); cached blocks in amber."""
-    head = queue.head(limit)
-    return _queue_chart(head, _queue_title(len(queue), limit))
-
-
 def free_queue_spec(queue: pd.DataFrame, *, limit: int = MAX_QUEUE_CELLS) -> dict[str, Any]:
-    """`free_queue_chart(queue).to_dict()` from a template (see block_grid_spec)."""
+    """The queue's head in reading order (first cell: evicted next), cached blocks in amber,
+    as a Vega-Lite dict from a template (see block_grid_spec)."""
     head = queue.head(limit)
     spec = copy.deepcopy(_queue_template())
     spec["title"] = _queue_title(len(queue), limit)

@@ -1,15 +1,19 @@
 """Time-series chart builders: DataFrame in, `alt.Chart` out.
 
-Every builder takes the frame ui.analysis produced and, optionally, the current step, drawn as a
-red rule so Replay's charts follow its slider.
+Every builder takes the frame ui.analysis produced. Replay's charts follow its slider through
+`with_step_rule`, which layers the current step as a red rule onto a spec built once per run;
+the live panel redraws its charts every second from templates (`live_spec`).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any
 
 import altair as alt
 import pandas as pd
+import pyarrow as pa
 
 from ui.analysis import SERIES_LABELS
 
@@ -20,6 +24,7 @@ STATE_COLOURS = {"in use": "#2563eb", "free, cached": "#f59e0b", "free": "#d1d5d
 
 # Keys of a single-view spec that move into its first layer when a rule is layered on top.
 _VIEW_KEYS = ("mark", "encoding", "transform", "data", "params")
+STEP_RULE_DATA = "step_rule"  # the named dataset that holds the rule's one row
 
 
 def with_step_rule(spec: dict[str, Any], step: int, color: str = "#dc2626") -> dict[str, Any]:
@@ -27,33 +32,33 @@ def with_step_rule(spec: dict[str, Any], step: int, color: str = "#dc2626") -> d
 
     Replay draws the whole run's charts at every slider move; building them once per run and
     adding the rule as plain data keeps a jump to any step far below a second (Altair's
-    validation alone costs tens of milliseconds per chart).
+    validation alone costs tens of milliseconds per chart). The step goes in a named dataset,
+    not in the spec: Streamlit sends named datasets apart from the spec, and the browser
+    rebuilds a chart whose spec text changed (parse, compile, draw: the bulk of a slider move
+    with several charts on a busy CPU) but only swaps the data of one whose spec is the same.
+    The row is an Arrow table, which Streamlit serialises without a detour through pandas.
     """
     out = dict(spec)
     rule = {"mark": {"type": "rule", "color": color, "strokeWidth": 2},
-            "data": {"values": [{"step": step}]},
+            "data": {"name": STEP_RULE_DATA},
             "encoding": {"x": {"field": "step", "type": "quantitative"}}}
     if "layer" in out:
         out["layer"] = [*out["layer"], rule]
     else:
         view = {k: out.pop(k) for k in _VIEW_KEYS if k in out}
         out["layer"] = [view, rule]
+    out["datasets"] = {**out.get("datasets", {}), STEP_RULE_DATA: pa.table({"step": [step]})}
     return out
 
 
-def _with_rule(chart: alt.Chart, step: int | None) -> alt.Chart | alt.LayerChart:
-    if step is None:
-        return chart
-    rule = alt.Chart(pd.DataFrame({"step": [step]})).mark_rule(color="#dc2626", strokeWidth=2)
-    return alt.layer(chart, rule.encode(x="step:Q"))
-
-
-def series_chart(df: pd.DataFrame, column: str, *, step: int | None = None,
-                 title: str | None = None) -> alt.Chart | alt.LayerChart:
-    """One per-step series of one run as a line, with an optional rule at `step`."""
-    label = title or SERIES_LABELS.get(column, column)
+def series_chart(df: pd.DataFrame, column: str, *, title: str | None = None) -> alt.Chart:
+    """One per-step series of one run as a line."""
     data = df[["step", column]] if not df.empty else pd.DataFrame({"step": [], column: []})
-    chart = (
+    return _series_chart(data, column, title or SERIES_LABELS.get(column, column))
+
+
+def _series_chart(data: pd.DataFrame | alt.NamedData, column: str, label: str) -> alt.Chart:
+    return (
         alt.Chart(data, title=label)
         .mark_line(interpolate="step-after")
         .encode(
@@ -63,14 +68,12 @@ def series_chart(df: pd.DataFrame, column: str, *, step: int | None = None,
                      alt.Tooltip(f"{column}:Q", title=label, format=",.3~f")],
         )
     )
-    return _with_rule(chart, step)
 
 
-def block_mix_chart(mix: pd.DataFrame, *, step: int | None = None,
-                    title: str = "KV blocks") -> alt.Chart | alt.LayerChart:
+def block_mix_chart(mix: pd.DataFrame | alt.NamedData, *, title: str = "KV blocks") -> alt.Chart:
     """Stacked area of blocks in use / free but cached / free per step (ui.analysis.block_mix)."""
     order = list(STATE_COLOURS)
-    chart = (
+    return (
         alt.Chart(mix, title=title)
         .mark_area(interpolate="step-after")
         .encode(
@@ -84,11 +87,35 @@ def block_mix_chart(mix: pd.DataFrame, *, step: int | None = None,
         )
         .transform_calculate(state_order=f"indexof({order!r}, datum.state)")
     )
-    return _with_rule(chart, step)
+
+
+LIVE_DATA = "rows"  # the named dataset of live_spec's templates
+
+
+def live_spec(name: str, rows: pd.DataFrame) -> dict[str, Any]:
+    """`series_chart(rows, name)`, or for "blocks" `block_mix_chart(rows)`, as a Vega-Lite dict.
+
+    From a template built once per name: the live panel redraws its charts every second, and
+    Altair's building and validation were most of that (tens of ms per chart). The spec text
+    also stays the same from tick to tick, so the browser swaps the data instead of rebuilding
+    each chart.
+    """
+    spec = copy.deepcopy(_live_template(name))  # Streamlit edits the spec it is given
+    columns = ["step", "state", "blocks"] if name == "blocks" else ["step", name]
+    spec["datasets"] = {LIVE_DATA: pa.Table.from_pandas(rows[columns], preserve_index=False)}
+    return spec
+
+
+@functools.lru_cache(maxsize=32)
+def _live_template(name: str) -> dict[str, Any]:
+    data = alt.NamedData(LIVE_DATA)
+    if name == "blocks":
+        return block_mix_chart(data).to_dict()
+    return _series_chart(data, name, SERIES_LABELS.get(name, name)).to_dict()
 
 
 def overlay_chart(df: pd.DataFrame, column: str, *, title: str | None = None) -> alt.Chart:
-    """The same series of several runs (ui.analysis.compare_frame), one colour per run."""
+    """The same series of several runs (ui.analysis.stack_runs), one colour per run."""
     label = title or SERIES_LABELS.get(column, column)
     return (
         alt.Chart(df[["run", "step", column]], title=label)

@@ -106,10 +106,19 @@ def render_config_form(default_model: str = "smollm2") -> tuple[dict[str, Any], 
         v["keyframe_interval"] = _number(slots, "keyframe every (steps)", "keyframe_interval",
                                          50, 1, 10)
     with c[2]:
+        presets = policy_presets(MODEL_CONFIGS[v["model"]])
+        st.selectbox("policy preset", list(presets), key="cfg_policy_preset",
+                     on_change=_apply_preset, args=(presets,),
+                     help="fills the layer policy; edit it there")
+    with c[3]:
+        if "cfg_policy" not in st.session_state:
+            st.session_state["cfg_policy"] = "full"
         v["policy"] = st.text_input(
-            "layer policy", "full", key="cfg_policy",
-            help="what each layer or KV head range keeps, e.g. full, or '0-14:full; "
-                 "15-29:full' (each range is a KV cache group with its own block tables)")
+            "layer policy", key="cfg_policy",
+            help="what each layer or KV head range keeps: full, window(sink,recent), "
+                 "h2o(heavy,recent), snapkv(budget,window), pyramid(total=T,beta=20); by "
+                 "range, e.g. '0:full; 1-29:window(4,256)' or '0-29/h0:full; 0-29/h1-2:"
+                 "window(4,128)' (each range is a KV cache group with its own block tables)")
         slots.add("policy")
     st.subheader("Scheduler")
     c = st.columns(3)
@@ -136,6 +145,26 @@ def render_config_form(default_model: str = "smollm2") -> tuple[dict[str, Any], 
     v["name"] = st.text_input("run name (optional)", key="cfg_name")
     slots.add("general")
     return v, slots
+
+
+def policy_presets(model: Any) -> dict[str, str]:
+    """Named retention settings for this model's shape (layer and KV head counts)."""
+    last, heads = model.num_layers - 1, model.num_kv_heads
+    presets = {"all layers full": "full", "StreamingLLM 4+256 on every layer": "window(4,256)"}
+    if last >= 2:
+        presets["full first and last layers, window elsewhere"] = (
+            f"0:full; 1-{last - 1}:window(4,256); {last}:full")
+    if heads >= 2:
+        half = max(1, heads // 2)
+        full = "h0" if half == 1 else f"h0-{half - 1}"
+        rest = f"h{half}" if half == heads - 1 else f"h{half}-{heads - 1}"
+        presets["DuoAttention-style: half the KV heads full, the rest sink + window"] = (
+            f"0-{last}/{full}:full; 0-{last}/{rest}:window(4,128)")
+    return presets
+
+
+def _apply_preset(presets: dict[str, str]) -> None:
+    st.session_state["cfg_policy"] = presets[st.session_state["cfg_policy_preset"]]
 
 
 def _render_workload(slots: Slots, v: dict[str, Any]) -> None:

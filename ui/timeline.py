@@ -38,16 +38,16 @@ def request_segments(events: pd.DataFrame, last_step: int) -> pd.DataFrame:
     return seg
 
 
-def request_timeline_chart(segments: pd.DataFrame, *, step: int | None = None,
-                           title: str = "requests") -> alt.Chart | alt.LayerChart:
-    """One row per request, bars coloured waiting / running / preempted, rule at `step`."""
+def request_timeline_chart(segments: pd.DataFrame, *, title: str = "requests") -> alt.Chart:
+    """One row per request, bars coloured waiting / running / preempted (Replay layers its
+    step's rule on with ui.charts.with_step_rule)."""
     n = segments["request_id"].nunique() if not segments.empty else 1
     row = max(3, min(14, 600 // n))  # px per request: a discrete step (see ui.block_grid)
     order = list(TIMELINE_COLOURS)
     # Inline values, not a DataFrame: a long run has more segments than Altair's 5,000-row
     # default limit, and the data goes to the browser once per run anyway.
     values = alt.Data(values=json.loads(segments.to_json(orient="records")))
-    bars = alt.Chart(values, title=title, height=alt.Step(row)).mark_bar().encode(
+    return alt.Chart(values, title=title, height=alt.Step(row)).mark_bar().encode(
         x=alt.X("start:Q", title="step"),
         x2="end:Q",
         y=alt.Y("request_id:O", title="request", axis=alt.Axis(labels=n <= 60)),
@@ -57,7 +57,3 @@ def request_timeline_chart(segments: pd.DataFrame, *, step: int | None = None,
         tooltip=[alt.Tooltip("request_id:Q"), alt.Tooltip("state:N"), alt.Tooltip("start:Q"),
                  alt.Tooltip("end:Q")],
     )
-    if step is None:
-        return bars
-    rule = alt.Chart(pd.DataFrame({"step": [step]})).mark_rule(color="#111827", strokeWidth=2)
-    return alt.layer(bars, rule.encode(x="step:Q"))

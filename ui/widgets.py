@@ -7,11 +7,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import altair as alt
 import pandas as pd
 import streamlit as st
 
-from store import StoreError, export_run, import_run
+from store import DuplicateImportError, StoreError, export_run, import_run
 from ui import analysis, charts, resources
 from ui.live_run import LiveRun
 
@@ -35,20 +34,16 @@ def sidebar_nav() -> None:
         st.divider()
 
 
-def _chart(chart: alt.TopLevelMixin) -> None:
-    st.altair_chart(chart, width="stretch")
-
-
 def live_charts(steps: pd.DataFrame) -> None:
     """Throughput, blocks used/free/cached, hit rate and preemptions of a run so far."""
     df = analysis.downsample(analysis.step_metrics(steps))
     left, right = st.columns(2)
     with left:
-        _chart(charts.series_chart(df, "tokens_per_s"))
-        _chart(charts.series_chart(df, "hit_rate"))
+        st.vega_lite_chart(charts.live_spec("tokens_per_s", df), width="stretch")
+        st.vega_lite_chart(charts.live_spec("hit_rate", df), width="stretch")
     with right:
-        _chart(charts.block_mix_chart(analysis.block_mix(df)))
-        _chart(charts.series_chart(df, "preemptions"))
+        st.vega_lite_chart(charts.live_spec("blocks", analysis.block_mix(df)), width="stretch")
+        st.vega_lite_chart(charts.live_spec("preemptions", df), width="stretch")
 
 
 def _progress_text(live: LiveRun) -> str:
@@ -103,6 +98,9 @@ def summary_metrics(summary: dict[str, Any]) -> None:
     for row in (tiles[:4], tiles[4:]):
         for col, (label, value) in zip(st.columns(4), row, strict=True):
             col.metric(label, value)
+    if summary.get("gpu_note"):  # once per run: the steps' GPU columns are empty, and why
+        st.caption(summary["gpu_note"], help="GPU memory, utilisation and power come from "
+                   "NVIDIA's NVML; without it the charts show what torch and the OS report")
 
 
 def step_figures(row: pd.Series) -> str:
@@ -121,10 +119,12 @@ def step_figures(row: pd.Series) -> str:
 
 def runs_table(runs: pd.DataFrame) -> None:
     """Recent runs with their headline figures."""
-    wanted = ["run_id", "name", "status", "model", "device", "created_at", "num_steps",
-              "output_tokens_per_s", "prefix_hit_rate", "num_preemptions"]
+    wanted = ["run_id", "name", "status", "imported", "model", "device", "created_at",
+              "num_steps", "output_tokens_per_s", "prefix_hit_rate", "num_preemptions"]
     st.dataframe(runs[[c for c in wanted if c in runs.columns]], hide_index=True,
                  column_config={"prefix_hit_rate": st.column_config.NumberColumn(format="%.2f"),
+                                "imported": st.column_config.CheckboxColumn(
+                                    help="added from a trace file"),
                                 "output_tokens_per_s": st.column_config.NumberColumn(
                                     "tokens/s", format="%.1f")})
 
@@ -166,21 +166,39 @@ def download_run_button(run_id: int) -> None:
 
 
 def upload_run_widget(key: str = "import") -> int | None:
-    """Import a trace file; returns the new run id once imported."""
+    """Import a trace file; returns the new run id once imported.
+
+    A file that was imported before is not imported again on its own: the page names the run
+    it became and offers "Import a copy anyway".
+    """
     upload = st.file_uploader("Import a trace file (.kvtrace.zip)", type=["zip"], key=key)
     if upload is None:
         return None
     done = st.session_state.setdefault(f"{key}_done", {})
     token = f"{upload.name}:{upload.size}:{getattr(upload, 'file_id', '')}"
+    copy_key = f"{key}_copy_of"  # set to the upload's token by the copy button
     if token not in done:  # a rerun must not import the same upload twice
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(upload.name).name
-            path.write_bytes(upload.getvalue())
-            try:
-                done[token] = import_run(resources.get_store(), path)
-            except StoreError as e:
-                st.error(f"Cannot import {upload.name}: {e}")
-                return None
+        allow_copy = st.session_state.pop(copy_key, None) == token
+        try:
+            done[token] = _import_upload(upload, allow_copy=allow_copy)
+        except DuplicateImportError as e:
+            st.warning(f"{upload.name} is already imported as run #{e.run_id}; nothing was "
+                       "added.", icon="♻️")
+            replay_link(e.run_id, f"Open run #{e.run_id}")
+            st.button("Import a copy anyway", key=f"{key}_copy", icon="➕",
+                      on_click=st.session_state.__setitem__, args=(copy_key, token),
+                      help="Add a second, identical run from this file")
+            return None
+        except StoreError as e:
+            st.error(f"Cannot import {upload.name}: {e}")
+            return None
         resources.refresh_runs()
     st.success(f"Imported {upload.name} as run #{done[token]}.")
     return done[token]
+
+
+def _import_upload(upload: Any, *, allow_copy: bool) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(upload.name).name
+        path.write_bytes(upload.getvalue())
+        return import_run(resources.get_store(), path, allow_copy=allow_copy)

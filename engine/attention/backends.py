@@ -59,6 +59,15 @@ class TorchPagedAttention:
             out[n_pre:] = self.decode(q[n_pre:], cache, meta)
         return out
 
+    def score_keys(self, cache: LayerCache, tables: torch.Tensor, context_len: int,
+                   tail_slot: int) -> torch.Tensor:
+        """Keys of one block table (1, n) as attention scores see them -> (1, Hk, L, D)."""
+        keys = paged.gather_blocks(cache["k"], tables[0])  # (Hk, n * bs, D)
+        return keys[None, :, :context_len]
+
+    def score_query(self, q: torch.Tensor) -> torch.Tensor:
+        return q
+
     def decode(self, q: torch.Tensor, cache: LayerCache, meta: AttentionMetadata
                ) -> torch.Tensor:
         """One new token per decoding request: q (Bd, H, D) -> (Bd, H, D)."""

@@ -42,6 +42,13 @@ class AttentionMetadata:
     complete_slots: torch.Tensor | None = None  # (n,) their residual slots
     prefill_tail_slots: list[int] = field(default_factory=list)
     decode_tail_slots: torch.Tensor | None = None  # (Bd,)
+    # Retention policies that score blocks (h2o, snapkv; engine/attention/scores.py): how many
+    # of each prefill chunk's last queries to score (0: none), and where each request's
+    # attention mass per block is summed over the group's layers and query heads.
+    mass_mode: str | None = None  # "h2o" | "snapkv"
+    prefill_score_queries: list[int] = field(default_factory=list)
+    prefill_mass: list[torch.Tensor] = field(default_factory=list)  # (n_blocks,) each
+    decode_mass: torch.Tensor | None = None  # (Bd, n_blocks)
 
     @property
     def num_decode_tokens(self) -> int:

@@ -76,6 +76,16 @@ class MLAAttention:
                self.workspace.take("latent", shape, store.dtype, store.device))
         return paged.gather_blocks(store, block_ids, out)[0].to(dtype)
 
+    # ---- retention policies that score blocks (engine/attention/scores.py) ----------------
+    def score_keys(self, cache: LayerCache, tables: torch.Tensor, context_len: int,
+                   tail_slot: int) -> torch.Tensor:
+        """Entries of one block table (1, n) as one key head -> (1, 1, L, W): scored against
+        the absorbed query, they give exactly the attention's scores."""
+        return self.read_blocks(cache, tables[0], torch.float32)[None, None, :context_len]
+
+    def score_query(self, q: torch.Tensor) -> torch.Tensor:
+        return q  # already absorbed by Attention.forward_latent
+
     # ---- attention --------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, latent: torch.Tensor, up: LatentProjections,
                 cache: LayerCache, meta: AttentionMetadata) -> torch.Tensor:

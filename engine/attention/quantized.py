@@ -89,6 +89,16 @@ class QuantizedPagedAttention(TorchPagedAttention):
                 cache[name + suffix].index_copy_(1, blocks, part)
 
     # ---- reading ----------------------------------------------------------------------------
+    def score_keys(self, cache: LayerCache, tables: torch.Tensor, context_len: int,
+                   tail_slot: int) -> torch.Tensor:
+        last = torch.tensor([(context_len - 1) // self.spec.block_size], device=tables.device)
+        keys, _ = self._context(cache, tables, torch.tensor([tail_slot], device=tables.device),
+                                last, torch.float32)  # (1, Hk, n * bs, D)
+        return keys[:, :, :context_len]
+
+    def score_query(self, q: torch.Tensor) -> torch.Tensor:
+        return self._rotate(q) if self.spec.rotate else q
+
     def read_blocks(self, cache: LayerCache, block_ids: torch.Tensor,
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantized K and V of `block_ids` (n,): each (Hk, n, bs, D) in `dtype`."""

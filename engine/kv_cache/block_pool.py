@@ -130,15 +130,18 @@ class BlockPool:
             block.owner = request_id
             self._emit(block, "touch", request_id, hash_hex(block.block_hash))
 
-    def free_blocks(self, ordered_blocks: Sequence[KVBlock], request_id: int) -> None:
+    def free_blocks(self, ordered_blocks: Sequence[KVBlock], request_id: int,
+                    reason: str | None = None) -> None:
         """Drop one reference of each block; `ordered_blocks` is in eviction order (first is
         evicted first). Blocks reaching 0 join the queue: unhashed ones at the head as a group
-        in that order, hashed ones at the tail."""
+        in that order, hashed ones at the tail. With a `reason`, the events are `drop`s (a
+        retention policy gave the blocks back mid-request), else `free`/`free_head`."""
         to_head: list[tuple[KVBlock, int]] = []
+        tail_kind: BlockEventKind = "drop" if reason else "free"
         for block in ordered_blocks:
             block.ref_count -= 1
             if block.ref_count > 0:
-                self._emit(block, "free", request_id)
+                self._emit(block, tail_kind, request_id, reason=reason)
                 continue
             block.owner = None
             if block.block_hash is None:
@@ -147,12 +150,13 @@ class BlockPool:
             else:
                 self._free.append(block)
                 self._num_cached_free += 1
-                self._emit(block, "free", request_id)
+                self._emit(block, tail_kind, request_id, reason=reason)
         # Prepending in reverse keeps their order at the head; the events follow the same
         # order, so replaying them one by one (head insertion) rebuilds the queue.
         for block, group_id in reversed(to_head):
             self._free.prepend(block)
-            self._emit(block, "free_head", request_id, group_id=group_id)
+            self._emit(block, "drop" if reason else "free_head", request_id, group_id=group_id,
+                       reason=reason)
 
     def _evict(self, block: KVBlock, request_id: int) -> None:
         """Lazy eviction: the hash goes only when its block is actually reused."""
@@ -210,8 +214,9 @@ class BlockPool:
         )
 
     def _emit(self, block: KVBlock, kind: BlockEventKind, request_id: int | None,
-              block_hash: str | None = None, group_id: int | None = None) -> None:
+              block_hash: str | None = None, group_id: int | None = None,
+              reason: str | None = None) -> None:
         group = block.group_id if group_id is None else group_id
         assert group is not None, f"block {block.block_id}: {kind} event outside any group"
         self._events.append(BlockEvent(self.step, block.block_id, kind, request_id,
-                                       block.ref_count, block_hash, group))
+                                       block.ref_count, block_hash, group, reason))

@@ -1,9 +1,9 @@
 """One group's view of the requests: which blocks each needs, in a block table per request.
 
 `FullAttentionManager` keeps every block a request ever needed. Managers for the retention
-policies (a sliding window, heavy hitters) subclass it and give blocks back mid-request with
-`remove_blocks`: the pool gets the block, the table keeps its length with the null block in
-the slot (attention masks it, never reads it), so positions still map to table indexes.
+policies (retention_managers.py) subclass it: after each step `retain` names the blocks to give
+back and `remove_blocks` returns them to the pool; the table keeps its length with the null
+block in the slot (attention masks it, never reads it), so positions still map to indexes.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.kv_cache.block_pool import ROOT_HASH, BlockPool, hash_block
+from engine.kv_cache.retention import Retention
 from engine.kv_cache.spec import KVCacheGroup
 
 
@@ -38,7 +39,9 @@ class FullAttentionManager:
     """Block tables of one group. Only this class edits its tables; the lists it returns are
     live (the runner reads them), so they are emptied, never replaced, when a request ends."""
 
-    def __init__(self, pool: BlockPool, group: KVCacheGroup) -> None:
+    def __init__(self, pool: BlockPool, group: KVCacheGroup,
+                 retention: Retention | None = None) -> None:
+        self.retention = retention or Retention()
         self.pool = pool
         self.group = group
         self.group_id = group.group_id
@@ -60,15 +63,26 @@ class FullAttentionManager:
     # ---- prefix hits ----
 
     def find_prefix(self, chain: PrefixChain, max_blocks: int) -> list[int]:
-        """Ids of this group's cached blocks matching the chain's leading blocks."""
+        """This group's cached blocks for the longest usable prefix of at most `max_blocks`
+        of the chain's blocks (the null block where the group needs no block)."""
         hits = []
         for i in range(max_blocks):
-            block = self.pool.get_cached_block(chain[i], chain.parent(i), chain.block_tokens(i),
-                                               self.group_id)
+            block = self._cached(chain, i)
             if block is None:
                 break
-            hits.append(block.block_id)
+            hits.append(block)
         return hits
+
+    def hits_at(self, chain: PrefixChain, num_blocks: int) -> list[int] | None:
+        """The blocks a hit of exactly `num_blocks` blocks would take, or None if one that it
+        needs is not cached (full attention needs them all)."""
+        hits = self.find_prefix(chain, num_blocks)
+        return hits if len(hits) == num_blocks else None
+
+    def _cached(self, chain: PrefixChain, i: int) -> int | None:
+        block = self.pool.get_cached_block(chain[i], chain.parent(i), chain.block_tokens(i),
+                                           self.group_id)
+        return None if block is None else block.block_id
 
     # ---- allocation ----
 
@@ -78,14 +92,16 @@ class FullAttentionManager:
         table = self._tables.get(request_id, ())
         if cached_blocks and table:
             raise ValueError(f"request {request_id} already has blocks; prefix hits come first")
-        revived = sum(1 for b in cached_blocks if self.pool.block(b).ref_count == 0)
+        null = self.pool.null_block
+        revived = sum(1 for b in cached_blocks if b != null and self.pool.block(b).ref_count == 0)
         covered = len(table) + len(cached_blocks)
         return revived + max(0, -(-num_tokens // self.block_size) - covered)
 
     def save_computed(self, request_id: int, cached_blocks: Sequence[int]) -> None:
         """Take a prefix hit: touch its blocks (reviving free ones) and start the table."""
         table = self.block_table(request_id)
-        self.pool.touch([self.pool.block(b) for b in cached_blocks], request_id)
+        null = self.pool.null_block
+        self.pool.touch([self.pool.block(b) for b in cached_blocks if b != null], request_id)
         table.extend(cached_blocks)
         self._num_cached[request_id] = len(table)
 
@@ -99,7 +115,10 @@ class FullAttentionManager:
             table.extend(b.block_id for b in new)
 
     def cache_blocks(self, request_id: int, chain: PrefixChain, num_computed_tokens: int) -> None:
-        """Register the table's blocks that became full within `num_computed_tokens`."""
+        """Register the table's blocks that became full within `num_computed_tokens` (not for
+        a policy whose kept blocks no other request could use)."""
+        if not self.retention.allows_prefix_hits:
+            return
         table = self._tables[request_id]
         start = self._num_cached[request_id]
         end = min(num_computed_tokens // self.block_size, len(table))
@@ -120,12 +139,26 @@ class FullAttentionManager:
                               request_id)
         table.clear()  # a scheduler still holding the list cannot read freed blocks
 
-    def remove_blocks(self, request_id: int, indexes: Sequence[int]) -> list[int]:
+    def remove_blocks(self, request_id: int, indexes: Sequence[int],
+                      reason: str | None = None) -> list[int]:
         """Give back the blocks at these table indexes mid-request (a retention policy's
-        choice); the null block takes their slots. Returns the block ids given back."""
+        choice, `reason` says why); the null block takes their slots. Returns the block ids
+        given back, in the order given."""
         table, null = self._tables[request_id], self.pool.null_block
         freed = [table[i] for i in indexes if table[i] != null]
         for i in indexes:
             table[i] = null
-        self.pool.free_blocks([self.pool.block(b) for b in freed], request_id)
+        self.pool.free_blocks([self.pool.block(b) for b in freed], request_id,
+                              reason=reason or "given back")
         return freed
+
+    # ---- retention (none here: full attention keeps everything) ----
+
+    def retain(self, request_id: int, num_computed_tokens: int, num_prompt_tokens: int
+               ) -> list[int]:
+        """Table indexes of blocks the policy gives back now that `num_computed_tokens` of the
+        request are in the cache (`num_prompt_tokens` of them its prompt)."""
+        return []
+
+    def add_attention(self, request_id: int, mass: Sequence[float]) -> None:
+        """Attention mass per table block this step (only policies that score blocks use it)."""

@@ -3,11 +3,13 @@
 A policy names, for rectangles of layers x KV heads, what the cache keeps there:
 
     full                                    every layer and head keeps its whole cache
+    window(4,256)                           StreamingLLM on every layer
     0-14:full; 15-29:full                   two layer ranges (two groups of one spec)
-    0-29/h0:full; 0-29/h1-2:full            KV head ranges within the layers
+    0:full; 1-28:window(4,256); 29:full     full first and last layers, a window elsewhere
+    0-29/h0:full; 0-29/h1-2:window(4,128)   KV head ranges within the layers (DuoAttention)
+    pyramid(total=3840, beta=20)            per-layer SnapKV budgets falling with depth
 
-Every (layer, KV head) must be covered exactly once. `full` is the only policy this version
-runs; the retention policies (window, h2o, snapkv, pyramid) will be further names here.
+Every (layer, KV head) must be covered exactly once; the policies are those of retention.py.
 
 Groups: one block id addresses one group's layers, and all groups draw from one pool, so every
 group's block must cost the same bytes (vLLM makes page sizes equal the same way). Rather than
@@ -23,9 +25,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from engine.kv_cache.retention import (
+    RetentionError,
+    parse_retention,
+    pyramid_budgets,
+    pyramid_window,
+)
 from engine.kv_cache.spec import KVCacheGroup, KVCacheSpec
-
-POLICIES = ("full",)
 
 
 def example(num_layers: int, num_kv_heads: int) -> str:
@@ -54,7 +60,17 @@ class Region:
 
 
 _ITEM = re.compile(r"\s*(?:(?P<layers>\d+(?:-\d+)?)(?:/h(?P<heads>\d+(?:-\d+)?))?\s*:)?\s*"
-                   r"(?P<policy>[a-z_]+(?:\([^()]*\))?)\s*$")
+                   r"(?P<policy>[a-z_0-9]+\s*(?:\([^()]*\))?)\s*$")
+
+
+def _regions(layers: range, heads: range, policy: str) -> list[Region]:
+    """One region, its policy normalised; a pyramid becomes one SnapKV region per layer."""
+    if policy.strip().startswith("pyramid"):
+        window = pyramid_window(policy)
+        return [Region(range(layer, layer + 1), heads, f"snapkv({budget},{window})")
+                for layer, budget in zip(layers, pyramid_budgets(policy, len(layers)),
+                                         strict=True)]
+    return [Region(layers, heads, str(parse_retention(policy)))]
 
 
 def parse_policy(text: str, num_layers: int, num_kv_heads: int) -> list[Region]:
@@ -72,11 +88,10 @@ def parse_policy(text: str, num_layers: int, num_kv_heads: int) -> list[Region]:
                               f"separated by ';', e.g. {hint}")
         layers = _span(m["layers"], num_layers, "layer", where, hint)
         heads = _span(m["heads"], num_kv_heads, "KV head", where, hint)
-        region = Region(layers, heads, m["policy"])
-        if region.name not in POLICIES:
-            raise PolicyError(f"policy: {region.name!r} {where} is not a policy this version "
-                              f"runs; choose one of {POLICIES}, e.g. {hint}")
-        regions.append(region)
+        try:
+            regions.extend(_regions(layers, heads, m["policy"]))
+        except RetentionError as exc:
+            raise PolicyError(f"policy: {where}: {exc}; e.g. {hint}") from None
     _check_cover(regions, num_layers, num_kv_heads, hint)
     return regions
 

@@ -1,8 +1,9 @@
 """KVCacheManager: one pool, one manager per group, one set of block tables per request.
 
 The scheduler's only door to KV memory. A request's allocation is all-or-nothing across its
-groups (a request needs its tokens in every layer), and a prefix hit is the longest prefix
-cached in every group (vLLM's coordinator for groups of full attention).
+groups (a request needs its tokens in every layer), a prefix hit is the longest prefix every
+group can serve (vLLM's hybrid coordinator: a window group needs only its window's blocks),
+and after each step each group's retention policy may give blocks back (`retain`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.kv_cache.block_pool import ROOT_HASH, BlockPool
-from engine.kv_cache.group_manager import FullAttentionManager, PrefixChain
+from engine.kv_cache.group_manager import PrefixChain
+from engine.kv_cache.retention_managers import make_manager
 from engine.kv_cache.spec import KVCacheGroup
 from engine.trace import BlockEvent, Keyframe
 
@@ -29,7 +31,7 @@ class KVCacheManager:
         self.block_size = groups[0].spec.block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
-        self.managers = [FullAttentionManager(self.pool, g) for g in groups]
+        self.managers = [make_manager(self.pool, g) for g in groups]
         self._hashes: dict[int, list[int]] = {}  # a request's chained block hashes so far
 
     # ---- what the engine reads ----
@@ -78,11 +80,14 @@ class KVCacheManager:
         if not self.enable_prefix_caching or n == 0:
             return tuple([] for _ in self.managers)
         chain = PrefixChain(token_ids, self.block_size, [])
-        hits = []
-        for manager in self.managers:
-            hits.append(manager.find_prefix(chain, n))
-            n = len(hits[-1])  # later groups need look no further than the shortest hit
-        return tuple(h[:n] for h in hits)
+        for manager in self.managers:  # an upper bound: each group's own longest hit
+            n = min(n, len(manager.find_prefix(chain, n)))
+        while n > 0:  # the longest length every group can serve exactly
+            hits = [m.hits_at(chain, n) for m in self.managers]
+            if all(h is not None for h in hits):
+                return tuple(hits)  # type: ignore[arg-type]
+            n -= 1
+        return tuple([] for _ in self.managers)
 
     def cache_blocks(self, request_id: int, token_ids: Sequence[int],
                      num_computed_tokens: int) -> None:
@@ -121,8 +126,6 @@ class KVCacheManager:
         if cached_blocks:
             for manager, hits in zip(self.managers, cached_blocks, strict=True):
                 manager.save_computed(request_id, hits)
-            # the hits' hashes are the first links of the request's chain
-            self._hashes[request_id] = [self.pool.block(b).block_hash for b in cached_blocks[0]]
         for manager in self.managers:
             manager.allocate_new(request_id, num_tokens)
         return True
@@ -133,10 +136,31 @@ class KVCacheManager:
             manager.free(request_id)
         self._hashes.pop(request_id, None)
 
-    def remove_blocks(self, request_id: int, group_id: int, indexes: Sequence[int]) -> list[int]:
+    def remove_blocks(self, request_id: int, group_id: int, indexes: Sequence[int],
+                      reason: str | None = None) -> list[int]:
         """Give back one group's blocks at these table indexes mid-request (null in their
-        slots); for the retention policies. Returns the block ids given back."""
-        return self.managers[group_id].remove_blocks(request_id, indexes)
+        slots). Returns the block ids given back."""
+        return self.managers[group_id].remove_blocks(request_id, indexes, reason)
+
+    # ---- retention ----
+
+    def needs_attention(self, group_id: int) -> str | None:
+        """'h2o' or 'snapkv' when the group's policy decides from attention scores."""
+        retention = self.managers[group_id].retention
+        return retention.name if retention.needs_attention else None
+
+    def add_attention(self, group_id: int, request_id: int, mass: Sequence[float]) -> None:
+        self.managers[group_id].add_attention(request_id, mass)
+
+    def retain(self, request_id: int, num_computed_tokens: int, num_prompt_tokens: int) -> int:
+        """Apply every group's retention policy to the request; returns the blocks given back."""
+        dropped = 0
+        for manager in self.managers:
+            indexes = manager.retain(request_id, num_computed_tokens, num_prompt_tokens)
+            if indexes:
+                dropped += len(manager.remove_blocks(request_id, indexes,
+                                                     manager.retention.reason))
+        return dropped
 
     # ---- trace ----
 
@@ -162,10 +186,14 @@ class KVCacheManager:
 
     def _check_prefix_chain(self, cached_blocks: BlockTables | tuple[()]) -> None:
         # A hit list goes stale if another allocation evicted one of its blocks in between.
+        null = self.pool.null_block
         for hits in cached_blocks:
-            parent = ROOT_HASH
+            parent: int | None = ROOT_HASH  # None: the previous entry was a null (not checked)
             for block_id in hits:
+                if block_id == null:
+                    parent = None
+                    continue
                 block = self.pool.block(block_id)
-                if block.block_hash is None or block.parent_hash != parent:
+                if block.block_hash is None or parent not in (None, block.parent_hash):
                     raise ValueError(f"cached_blocks {cached_blocks} is not a live cached prefix")
                 parent = block.block_hash
