@@ -64,7 +64,7 @@ def absorb_query(q: torch.Tensor, up: LatentProjections, scale: float) -> torch.
     dn, r, hr = up.nope_dim, up.rank, up.num_rope_heads
     dr = q.shape[-1] - dn
     out = q.new_zeros(t, h, r + hr * dr)  # (T, H, W): other RoPE heads' slots stay 0
-    q_nope = q[..., :dn].transpose(0, 1)  # (H, T, Dn)
+    q_nope = q[..., :dn].transpose(0, 1).contiguous()  # (H, T, Dn): strided bmm is ~5x slower
     out[..., :r] = torch.bmm(q_nope, up.w_uk).transpose(0, 1)  # (T, H, R)
     group = h // hr
     for g in range(hr):

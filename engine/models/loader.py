@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.models.config import MODEL_CONFIGS, LlamaConfig, ModelConfig
 from engine.models.deepseek import DeepseekV2
-from engine.models.hf_config import looks_like_path
+from engine.models.hf_config import ModelFolderError, looks_like_path
 from engine.models.llama import Llama
 from engine.models.mla_config import MLAConfig
 from engine.tokenizer import Tokenizer, load_tokenizer
@@ -73,8 +73,14 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 
         from engine.models.hf_loader import folder_state_dict, folder_tokenizer
 
         config, state_dict = folder_state_dict(name)
-        model = build_model(config, state_dict, device, dtype)
-        return LoadedModel(model, folder_tokenizer(name, config), config, device, dtype)
+        tokenizer = folder_tokenizer(name, config)  # before the weights: fail fast
+        try:
+            model = build_model(config, state_dict, device, dtype)
+        except RuntimeError as exc:  # load_state_dict: shapes that config.json contradicts
+            detail = str(exc).splitlines()[-1].strip()
+            raise ModelFolderError(f"model folder {name}: the weights do not match its "
+                                   f"config.json ({detail})") from exc
+        return LoadedModel(model, tokenizer, config, device, dtype)
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_CONFIGS)} or "
                          "give a model folder")

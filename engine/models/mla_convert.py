@@ -60,8 +60,8 @@ def calibrate(loaded: LoadedModel, token_ids: list[list[int]]) -> list[LayerStat
                         torch.zeros(hk, d // 2)) for _ in range(cfg.num_layers)]
 
     def pair_norms(y: torch.Tensor, heads: int) -> torch.Tensor:
-        y = y.view(-1, heads, 2, d // 2)  # (T, heads, 2, D/2): halves x_i, x_{i + D/2}
-        return y.norm(dim=2).sum(dim=0)  # (heads, D/2)
+        y = y.reshape(-1, heads, 2, d // 2)  # (T, heads, 2, D/2): halves x_i, x_{i + D/2}
+        return y.square().sum(dim=2).sqrt().sum(dim=0)  # (heads, D/2)
 
     def hook(layer: int):
         def capture(_module, _inputs, x: torch.Tensor) -> None:
