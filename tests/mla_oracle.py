@@ -28,18 +28,32 @@ MOE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attent
            v_head_dim=16, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
            n_shared_experts=1, moe_intermediate_size=32, topk_method="group_limited_greedy",
            n_group=4, topk_group=2, routed_scaling_factor=2.0, max_position_embeddings=512)
+# DeepSeek-V3: sigmoid routing with a score-correction bias (noaux_tc), normalised top-k,
+# query LoRA, RoPE in the half-split layout (rope_interleave False)
+V3 = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+          q_lora_rank=24, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+          v_head_dim=16, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
+          n_shared_experts=1, moe_intermediate_size=32, n_group=4, topk_group=2,
+          routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=False,
+          max_position_embeddings=512, model_type="deepseek_v3")
 
 
 def make_deepseek(folder: Path, shapes: dict, seed: int = 0):
-    """Save a random DeepseekV2ForCausalLM to `folder`; return it (fp32, eval)."""
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    """Save a random DeepseekV2ForCausalLM (or V3) to `folder`; return it (fp32, eval)."""
+    import transformers
 
-    config = DeepseekV2Config(vocab_size=VOCAB, num_key_value_heads=shapes[
-        "num_attention_heads"], attn_implementation="eager", **shapes)
-    model = DeepseekV2ForCausalLM(config).eval()
+    shapes = dict(shapes)
+    v3 = shapes.pop("model_type", "deepseek_v2") == "deepseek_v3"
+    name = "DeepseekV3" if v3 else "DeepseekV2"
+    config = getattr(transformers, name + "Config")(
+        vocab_size=VOCAB, num_key_value_heads=shapes["num_attention_heads"],
+        attn_implementation="eager", **shapes)
+    model = getattr(transformers, name + "ForCausalLM")(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in [*model.named_parameters(), *model.named_buffers()]:
+            if "inv_freq" in name:
+                continue
             noise = torch.randn(p.shape, generator=gen)
             p.copy_(1 + 0.1 * noise if "norm" in name else 0.15 * noise)
     model.save_pretrained(folder)

@@ -1,10 +1,12 @@
 """MLA through the paged latent cache equals transformers' DeepseekV2ForCausalLM (fp32, CPU).
 
-Two tiny random checkpoints written by transformers and read by our folder loader: dense MLPs
-with a query LoRA and YaRN RoPE; MoE layers (shared + routed experts, group-limited routing)
-without a query LoRA. Three requests of different lengths run batched through block size 16:
-chunked prefill mixed with decodes, and the third request reuses the first's two full blocks
-(a prefix-cache hit: its prefill attends to cached entries it did not compute). Every logit
+Three tiny random checkpoints written by transformers and read by our folder loader: dense
+MLPs with a query LoRA and YaRN RoPE; MoE layers (shared + routed experts, group-limited
+routing) without a query LoRA; and a DeepSeek-V3 (sigmoid routing with its correction bias,
+normalised top-k, half-split RoPE). Three requests of different lengths run batched through
+block size 16: chunked prefill mixed with decodes, and the third request reuses the first's
+two full blocks (a prefix-cache hit: its prefill attends to cached entries it did not
+compute). Every logit
 row the engine produces (each prefill's last token, then 16 decode steps) is compared with
 transformers' logits of the same sequence computed without a cache, for both attention paths.
 
@@ -23,7 +25,7 @@ from engine.kv_cache.storage import PagedKVCache
 from engine.model_runner import ModelRunner
 from engine.models.loader import load_model
 from engine.sequence import Sequence
-from tests.mla_oracle import DENSE, MOE, hf_logits, make_deepseek
+from tests.mla_oracle import DENSE, MOE, V3, hf_logits, make_deepseek
 
 BLOCK = 16
 DECODE_STEPS = 16
@@ -31,10 +33,10 @@ CHUNK = 24
 ATOL = 5e-5
 
 
-@pytest.fixture(scope="module", params=["dense", "moe"])
+@pytest.fixture(scope="module", params=["dense", "moe", "v3"])
 def pair(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"deepseek-{request.param}")
-    hf = make_deepseek(folder, DENSE if request.param == "dense" else MOE)
+    hf = make_deepseek(folder, {"dense": DENSE, "moe": MOE, "v3": V3}[request.param])
     ours = load_model(str(folder), torch.device("cpu"), torch.float32)
     return hf, ours
 
