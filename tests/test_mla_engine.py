@@ -131,6 +131,10 @@ def test_bad_model_folders_are_one_clear_error(tmp_path, capsys):
         RunConfig(model=str(tmp_path))
     assert cli.main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "model_type 'gpt2'" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "deepseek_v3", "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(ConfigError, match="fp8 checkpoints are not supported"):
+        RunConfig(model=str(tmp_path))
 
 
 def test_vocab_mismatch_without_a_tokenizer_is_an_error(tmp_path, capsys):

@@ -2,7 +2,7 @@
 `spec.attention == "latent"`.
 
 The cache keeps one entry `[c_kv ; k_pe]` per token (tensor "latent", `(1, pages, bs, W)`);
-writes go through the slot mapping like K/V. Reads gather a request's blocks into the
+writes go through the slot mapping like K/V. Reads gather the step's blocks into the
 workspace, then attend by one of the two paths of mla_paged.py.
 
 Which path (`path`): "absorbed" or "expanded" force one everywhere (the oracle tests run
@@ -12,11 +12,13 @@ multiply-adds (`cheaper_path`): a chunk of Tq queries over L context tokens cost
     expanded  L * R * H * (Dn + Dv)  +  Tq * L * H * (Dn + Dr + Dv)     (up-project the context)
     absorbed  Tq * H * R * (Dn + Dv) +  Tq * L * H * (2R + Hr * Dr)      (absorb per query)
 
-so a decode step (Tq = 1) always absorbs, a chunk that is its whole context (L = Tq) always
-expands, and a short chunk over a long cached prefix absorbs (DeepSeek-V2 shapes: Tq below ~170
-queries when L >> Tq). vLLM and SGLang expand prefill for the same reason: prefill is compute
-bound and expanded attention has 192-wide heads instead of 576-wide ones, while decode is bound
-by reading the cache, which the absorbed path reads once for all heads, in its compact form.
+With DeepSeek-V2's shapes (R 512, Dn = Dv = 128) a decode step (Tq = 1) is cheaper absorbed
+from L = 2 on, a chunk that is its whole context (L = Tq) is cheaper expanded, and a chunk over
+a long cached prefix is cheaper absorbed below ~170 queries; a small latent (a converted model
+at rank 16) makes absorbing cheaper everywhere, and the rule follows. vLLM and SGLang expand
+prefill for the same reason: prefill is compute bound and expanded attention has 192-wide
+heads instead of 576-wide ones, while decode is bound by reading the cache, which the absorbed
+path reads once for all heads, in its compact form.
 """
 
 from __future__ import annotations

@@ -52,6 +52,11 @@ def _read(folder: str, _mtime_ns: int) -> ModelConfig:
     if kind not in SUPPORTED_TYPES:
         raise ModelFolderError(f"{folder}: model_type {kind!r} is not supported; this lab runs "
                                f"{SUPPORTED_TYPES} checkpoints")
+    if data.get("quantization_config"):
+        method = data["quantization_config"].get("quant_method", "quantized")
+        raise ModelFolderError(f"{folder}: {method} checkpoints are not supported (their "
+                               "weights need scales this loader does not apply); use a bf16 "
+                               "or fp32 checkpoint")
     for key in ("attention_bias", "mlp_bias"):
         if data.get(key):
             raise ModelFolderError(f"{folder}: {key} = true is not supported (no biases here)")
