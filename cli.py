@@ -1,10 +1,13 @@
 """KV Cache Lab command line: the same engine and store code paths as the dashboard.
 
     python cli.py generate --prompt "..." [--chat] --max-tokens N [--temperature T --seed S]
-    python cli.py run [--model smollm2|tiny] [--workload NAME|FILE] [--num-blocks N | --kv-budget
-        64MiB] [--no-prefix-caching] [--max-requests N] [--json] [--db URL]
+    python cli.py run [--model smollm2|tiny|mla-lite|mla-tiny|FOLDER] [--workload NAME|FILE]
+        [--num-blocks N | --kv-budget 64MiB] [--no-prefix-caching] [--max-requests N]
+        [--mla-path auto|absorbed|expanded] [--json] [--db URL]
     python cli.py runs | export RUN_ID FILE | import FILE [--copy] | delete RUN_ID   (the store)
     python cli.py quality --kv-dtype int4 [--kv-rotate] [--json]   (a cache format's cost)
+    python cli.py convert-mla --rank R [--rope-dims D] [--out FOLDER]   (SmolLM2 as MLA; see
+        engine/models/mla_convert.py)
     python cli.py sweep --base config.json --axis block_size=8,16 [--axis ...] (Ray sweeps;
         see sweep/cli_commands.py) | sweeps [SWEEP_ID] | sweep-export SWEEP_ID FILE
 
@@ -18,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+import mla_cli
 import quality_cli
 
 EXIT_BAD_INPUT = 2
@@ -48,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object with token_ids and text")
     _add_engine_arguments(gen)
     gen.set_defaults(handler=cmd_generate)
 
@@ -90,12 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_commands(sub)
     quality_cli.register(sub, _add_engine_arguments, add_db_argument)
+    mla_cli.register(sub)
     register_sweep_commands(sub)
     return parser
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="smollm2 (bundled) or tiny (random)")
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2 (bundled), tiny, mla-lite or mla-tiny (random by seed), "
+                             "or a Hugging Face model folder (config.json + *.safetensors: "
+                             "Llama, DeepSeek-V2/V3)")
+    parser.add_argument("--mla-path", default="auto", choices=("auto", "absorbed", "expanded"),
+                        help="MLA models: attend through the latent (absorbed) or by "
+                             "up-projecting it (expanded); auto absorbs decode and picks per "
+                             "prefill chunk by cost")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", default="auto",
                         help="auto (bf16 on CUDA and on CPUs with bf16 instructions, else "
@@ -117,7 +131,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         request = WorkloadRequest(0, prompt=args.prompt, max_tokens=args.max_tokens)
     result = _run_engine(config, ListSink(), requests=[request])
-    print(result.output_text.get(0, ""))
+    if args.json:
+        print(json.dumps({"token_ids": result.output_token_ids.get(0, []),
+                          "text": result.output_text.get(0, "")}))
+    else:
+        print(result.output_text.get(0, ""))
     return 0
 
 
@@ -205,7 +223,8 @@ def _config_from_args(args: argparse.Namespace, max_model_len: int | None):
         sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, ignore_eos=getattr(args, "ignore_eos", False))
         knobs = dict(model=args.model, device=args.device, dtype=args.dtype,
-                     seed=args.seed, sampling=sampling, max_model_len=max_model_len)
+                     seed=args.seed, sampling=sampling, max_model_len=max_model_len,
+                     mla_path=args.mla_path)
         if args.command == "run":
             knobs.update(
                 block_size=args.block_size, num_blocks=args.num_blocks,
@@ -252,12 +271,14 @@ def _run_engine(config, sink, **kwargs):
     from engine.device import DeviceError
     from engine.memory_profile import KVBudgetError
     from engine.models.gguf_loader import ModelFileError
+    from engine.models.hf_config import ModelFolderError
     from engine.run import run
     from engine.workload import WorkloadError
 
     try:
         return run(config, sink, **kwargs)
-    except (WorkloadError, DeviceError, ModelFileError, KVBudgetError) as exc:
+    except (WorkloadError, DeviceError, ModelFileError, ModelFolderError,
+            KVBudgetError) as exc:
         raise CliError(str(exc)) from exc
 
 
@@ -292,7 +313,8 @@ def _print_summary(s: dict) -> None:
         ("preemptions", s["num_preemptions"]),
         ("evictions", s["num_evictions"]),
         ("peak blocks used", f"{s['peak_blocks_used']} of {s['num_blocks']}"),
-        ("KV bytes per token", f"{s['kv_bytes_per_token']} ({s['kv_dtype']}, {s['device']})"),
+        ("KV bytes per token", f"{s['kv_bytes_per_token']} ({s['kv_dtype']}, {s['device']}; "
+                               f"allocated: {s.get('kv_allocated_bytes_per_token')})"),
         ("KV cache groups", _groups_line(s.get("kv_groups") or [], s.get("kv_page_size_bytes"))),
     ]
     profile = s.get("memory_profile") or {}

@@ -12,12 +12,14 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from engine.kv_cache.layout import PolicyError, make_groups, parse_policy
 from engine.kv_cache.retention import max_blocks_per_request, parse_retention
 from engine.kv_cache.spec import KV_FORMATS, QUANTIZED_BITS, KVCacheGroup
-from engine.models.config import MODEL_CONFIGS, LlamaConfig
+from engine.models.config import MODEL_CONFIGS, ModelConfig
+from engine.models.hf_config import ModelFolderError, looks_like_path, read_folder_config
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -34,6 +36,7 @@ def cpu_has_bf16() -> bool:
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 KV_DTYPES = ("auto", *KV_FORMATS)  # "auto": the model's dtype; see engine/kv_cache/spec.py
 WORKLOAD_KINDS = ("synthetic", "file", "preset")
+MLA_PATHS = ("auto", "absorbed", "expanded")  # see engine/attention/mla.py
 
 
 class ConfigError(ValueError):
@@ -113,7 +116,9 @@ class WorkloadSpec:
 class RunConfig:
     """Every knob of one run. Construct it and it is valid, or a ConfigError says why not."""
 
-    model: str = "smollm2"  # key of engine.models.config.MODEL_CONFIGS
+    # a key of engine.models.config.MODEL_CONFIGS, or a Hugging Face model folder (made
+    # absolute here, so workers in another directory find it)
+    model: str = "smollm2"
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bf16 on CUDA and on CPUs with bf16 instructions, else fp32
     kv_dtype: str = "auto"  # auto: same as dtype; fp8, int8, int4 store full blocks quantized
@@ -133,6 +138,9 @@ class RunConfig:
     max_model_len: int | None = None  # None: the model's context length
     keyframe_interval: int = 50  # steps between full block-state snapshots in the trace
     telemetry_hz: float = 10.0  # device samples per second in the trace (0: none)
+    # MLA models: how attention reads the latent cache (auto: absorbed decode, prefill chunks
+    # by cost; see engine/attention/mla.py); ignored by models with a K/V cache
+    mla_path: str = "auto"
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
@@ -142,10 +150,9 @@ class RunConfig:
             self.sampling = SamplingConfig(**self.sampling)
         if isinstance(self.workload, dict):
             self.workload = WorkloadSpec(**self.workload)
-        if self.model not in MODEL_CONFIGS:
-            raise ConfigError("model", f"unknown model {self.model!r}; choose one of "
-                              f"{sorted(MODEL_CONFIGS)}")
-        for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("kv_dtype", KV_DTYPES)):
+        self._check_model()
+        for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("kv_dtype", KV_DTYPES),
+                              ("mla_path", MLA_PATHS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"{getattr(self, name)!r} is not one of {allowed}")
         bs = self.block_size
@@ -195,10 +202,25 @@ class RunConfig:
                 "or lower max_model_len",
             )
 
+    def _check_model(self) -> None:
+        """A preset name, or a readable model folder (stored as an absolute path)."""
+        if looks_like_path(self.model):
+            try:
+                read_folder_config(self.model)
+            except ModelFolderError as exc:
+                raise ConfigError("model", str(exc)) from exc
+            self.model = str(Path(self.model).expanduser().resolve())
+        elif self.model not in MODEL_CONFIGS:
+            raise ConfigError("model", f"unknown model {self.model!r}; choose one of "
+                              f"{sorted(MODEL_CONFIGS)} or give a model folder path "
+                              "(config.json and *.safetensors)")
+
     # Derived values -------------------------------------------------------------------------
     @property
-    def model_config(self) -> LlamaConfig:
-        return MODEL_CONFIGS[self.model]
+    def model_config(self) -> ModelConfig:
+        if self.model in MODEL_CONFIGS:
+            return MODEL_CONFIGS[self.model]
+        return read_folder_config(self.model)
 
     @property
     def resolved_max_model_len(self) -> int:

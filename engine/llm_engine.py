@@ -66,7 +66,7 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
         )
-        self.runner = ModelRunner(loaded, self.kv_cache)
+        self.runner = ModelRunner(loaded, self.kv_cache, config.mla_path)
         self.sampler = Sampler(config.seed)
         self.memory = MemoryProbe(self.device)
         self.telemetry: TelemetrySampler | None = None  # set by engine.run while it runs

@@ -12,6 +12,8 @@ from engine.config import RunConfig
 from engine.device import resolve_device, torch_dtype
 from engine.kv_cache.spec import kv_bytes_per_token
 from engine.llm_engine import LLMEngine
+from engine.models.config import PRETRAINED
+from engine.models.hf_config import looks_like_path
 from engine.models.loader import LoadedModel, load_model
 from engine.run_result import RunResult, RunSummary
 from engine.sequence import Sequence, SequenceStatus
@@ -27,9 +29,11 @@ ModelKey = tuple[str, str, str, int]  # (model, device type, dtype, weights seed
 
 def model_key(config: RunConfig) -> ModelKey:
     """What tells two loaded models apart: the seed only picks the weights of random models,
-    so every config of the real model shares one load (the dashboard caches by this key)."""
+    so every config of a real model (SmolLM2, a model folder) shares one load (the dashboard
+    caches by this key)."""
     device = resolve_device(config.device)
-    seed = 0 if config.model == "smollm2" else config.seed
+    real = config.model in PRETRAINED or looks_like_path(config.model)
+    seed = 0 if real else config.seed
     return config.model, device.type, config.resolved_dtype(device.type), seed
 
 
@@ -173,6 +177,7 @@ def _summarise(config: RunConfig, engine: LLMEngine, records: list[RequestRecord
         num_blocks=engine.num_blocks,
         kv_bytes_per_token=_whole(kv_bytes_per_token(engine.kv_groups)),
         kv_page_size_bytes=engine.kv_cache.page_size_bytes,
+        kv_allocated_bytes_per_token=_whole(engine.kv_cache.allocated_bytes_per_token),
         kv_groups=[g.to_dict() for g in engine.kv_groups],
         device=str(engine.device),
         dtype=str(engine.loaded.dtype).removeprefix("torch."),

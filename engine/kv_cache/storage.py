@@ -99,7 +99,7 @@ class PagedKVCache:
         # block ids are pool-wide, so one residual serves every group. fp32 whatever the
         # weights: it is a few blocks, and the CPU kernel reads it as it is
         self.residual = None
-        if self.spec.quantized:
+        if self.spec.uses_residual:
             self.residual = Residual(positions, self.spec.num_kv_heads, self.spec.head_dim,
                                      self.block_size, residual_slots * len(groups),
                                      torch.float32, self.device)
@@ -140,6 +140,14 @@ class PagedKVCache:
     def allocated_bytes(self) -> int:
         """What the storage tensors really occupy, null page included (not the residual)."""
         return sum(t.numel() * t.element_size() for t in self.storage.values())
+
+    @property
+    def allocated_bytes_per_token(self) -> float:
+        """Measured, not derived from the spec: the storage tensors' bytes over the token
+        slots of every page (the null page included on both sides), summed over the groups
+        that share the storage."""
+        slots = (self.num_blocks + 1) * self.block_size
+        return self.allocated_bytes / slots * len(self.groups)
 
     @property
     def residual_bytes(self) -> int:
