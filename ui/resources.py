@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar
 
@@ -23,6 +24,7 @@ from engine.config import RunConfig
 from engine.trace import BlockState
 from store import RunInfo, RunReader, Store, open_store
 from ui import analysis, charts, timeline
+from ui.holders import Event, HolderIndex, Holders
 
 if TYPE_CHECKING:
     from engine.models.loader import LoadedModel
@@ -61,6 +63,39 @@ def get_model(config: RunConfig) -> LoadedModel:
     from engine.run import model_key
 
     return _model(model_key(config))
+
+
+_warm_lock = threading.Lock()
+_warm_started = False
+
+
+def start_warm_up() -> None:
+    """Once per server process, on a background thread: import the model code and build a model
+    on the meta device (the first build imports ~820 torch modules: 3-30 s holding the GIL,
+    which stalled every session when it happened at a first Run), and load the tokenizer (the
+    token texts on Replay). `KVLAB_NO_WARM_UP=1` turns it off."""
+    global _warm_started
+    with _warm_lock:
+        if _warm_started or os.environ.get("KVLAB_NO_WARM_UP") == "1":
+            return
+        _warm_started = True
+    threading.Thread(target=_warm_up, name="kvlab-warm-up", daemon=True).start()
+
+
+def _warm_up() -> None:
+    try:
+        import torch
+
+        import engine.run  # noqa: F401 (the import is the point)
+        from engine.models.config import MODEL_CONFIGS
+        from engine.models.llama import Llama
+        from engine.tokenizer import load_tokenizer
+
+        with torch.device("meta"):
+            Llama(MODEL_CONFIGS["tiny"])
+        load_tokenizer()
+    except Exception:  # nothing to warm: the first run reports what is wrong
+        pass
 
 
 # Queries ------------------------------------------------------------------------------------
@@ -163,6 +198,29 @@ def block_events_at(url: str, run_id: int, step: int, rev: str) -> pd.DataFrame:
     return RunReader(_store(url)).block_events(run_id, step_from=step, step_to=step)
 
 
+def run_progress(run_id: int) -> tuple[str, int]:
+    """(status, last committed step) read now, uncached: what a replay of a running run polls."""
+    reader = RunReader(get_store())
+    return reader.run_info(run_id).status, reader.last_step(run_id)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _holder_index(url: str, run_id: int, created: str) -> HolderIndex:
+    """Keyed by the run's creation time too: a deleted run's id may be given to a new run."""
+    reader = RunReader(_store(url))
+
+    def fetch(after: int, upto: int) -> list[Event]:
+        return [Event(e.step, e.block_id, e.kind, e.request_id, e.block_hash, e.group_id)
+                for e in reader.block_event_list(run_id, after, upto)]
+
+    return HolderIndex(fetch)
+
+
+def holders_at(run_id: int, step: int, created: str) -> Holders:
+    """Every request's block tables after `step` (ui.holders), from process-wide checkpoints."""
+    return _holder_index(db_url(), run_id, created).at(step)
+
+
 # Derived frames: computed once per run revision, then every slider move reuses them ---------
 @store_query(max_entries=16)
 def step_series(url: str, run_id: int, rev: str) -> pd.DataFrame:
@@ -175,24 +233,57 @@ def request_segments(url: str, run_id: int, rev: str, last_step: int) -> pd.Data
     return timeline.request_segments(request_events.at(url, run_id, rev), last_step)
 
 
+@store_query(max_entries=16)
+def request_table(url: str, run_id: int, rev: str) -> pd.DataFrame:
+    return analysis.request_table(requests.at(url, run_id, rev))
+
+
 # Chart specs of a whole run: built (and validated) once per run revision; Replay layers the
 # current step's rule onto copies with ui.charts.with_step_rule.
-@store_query(max_entries=64)
-def run_chart_spec(url: str, run_id: int, rev: str, name: str, last_step: int) -> dict:
-    """'blocks', 'requests' or a ui.analysis.SERIES_LABELS column, as a Vega-Lite dict whose
-    named datasets are Arrow IPC bytes."""
+@store_query(max_entries=96)
+def run_chart_spec(url: str, run_id: int, rev: str, name: str, last_step: int,
+                   x: str = "step") -> dict:
+    """A whole-run chart over steps or (`x="t"`) time, as a Vega-Lite dict whose named
+    datasets are Arrow IPC bytes: 'blocks', 'requests_by_state', a PER_STEP_SERIES name or a
+    SERIES_LABELS column."""
+    series = step_series.at(url, run_id, rev)
     if name == "blocks":
-        chart = charts.block_mix_chart(analysis.block_mix(step_series.at(url, run_id, rev)))
-    elif name == "requests":
-        chart = timeline.request_timeline_chart(
-            request_segments.at(url, run_id, rev, last_step), title="request timeline")
+        mix = analysis.block_mix(series).merge(series[["step", "t"]], on="step")
+        chart = charts.block_mix_chart(mix, x=x)
+    elif name == "requests_by_state":
+        seg = request_segments.at(url, run_id, rev, last_step)
+        counts = analysis.downsample(timeline.state_counts(seg, last_step), 4500)
+        chart = timeline.state_counts_chart(counts)
+    elif name in analysis.PER_STEP_SERIES:
+        title, _ = analysis.PER_STEP_SERIES[name]
+        chart = charts.per_step_chart(analysis.per_step_long(series, name), title,
+                                      stacked=name == "tokens_per_step", x=x)
     else:
-        chart = charts.series_chart(step_series.at(url, run_id, rev), name)
-    spec = chart.to_dict()
+        chart = charts.series_chart(series, name, x=x)
+    return _with_arrow(chart.to_dict())
+
+
+@store_query(max_entries=64)
+def timeline_spec(url: str, run_id: int, rev: str, last_step: int, page: int) -> dict:
+    """The Gantt chart of one page of requests (ui.timeline.PAGE_SIZE a page)."""
+    seg = request_segments.at(url, run_id, rev, last_step)
+    shown, first, last = timeline.page_of(seg, page)
+    title = (f"request timeline: requests {first:,}-{last:,} of {seg['request_id'].nunique():,}"
+             if timeline.num_pages(seg) > 1 else "request timeline")
+    return _with_arrow(timeline.request_timeline_chart(shown, title=title).to_dict())
+
+
+def _with_arrow(spec: dict) -> dict:
     # Streamlit turns a dataset of rows into Arrow at every st.vega_lite_chart call and passes
     # bytes through untouched: converted here once per run, not at every slider move (it was
-    # half of a move's server time with Replay's five whole-run charts).
-    spec["datasets"] = {k: arrow_ipc(rows) for k, rows in spec.get("datasets", {}).items()}
+    # half of a move's server time with Replay's five whole-run charts). Inline values become
+    # a named dataset too.
+    datasets = dict(spec.get("datasets", {}))
+    values = spec.get("data", {}).get("values") if isinstance(spec.get("data"), dict) else None
+    if values is not None:
+        datasets["inline"] = values
+        spec["data"] = {"name": "inline"}
+    spec["datasets"] = {k: arrow_ipc(rows) for k, rows in datasets.items()}
     return spec
 
 
