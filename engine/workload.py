@@ -306,7 +306,7 @@ def _demo_waves(seed: int) -> list[WorkloadRequest]:
             question = next(questions)
             messages = [{"role": "system", "content": system}, question] if shared else [question]
             requests.append(WorkloadRequest(request_id=len(requests), messages=messages,
-                                            max_tokens=16, arrival=0.05 if requests else 0.0))
+                                            max_tokens=8, arrival=0.05 if requests else 0.0))
     return requests
 
 
@@ -332,7 +332,7 @@ PRESETS: dict[str, Preset] = {
                        prompt_len_max=512, output_len_min=192, output_len_max=320,
                        num_prefix_groups=4, shared_prefix_len=128),
     "demo": Preset("8 chats in three waves (3 with the shared system prompt, 2 without, 3 "
-                   "with it again), 16 tokens out each: in a small cache they show prefix "
+                   "with it again), 8 tokens out each: in a small cache they show prefix "
                    "sharing, LRU eviction, a preemption and re-hits (the home page's demo)",
                    _demo_waves),
 }

@@ -110,7 +110,7 @@ def step_view() -> None:
             st.session_state.replay_playing = False
             st.rerun(scope="app")
         st.session_state[STEP_KEY] = nxt
-    replay_view.navigation(steps, first, last)
+    replay_view.navigation(run_id, rev, first, last)
     step = st.slider("step", first, last, key=STEP_KEY)
     try:
         state = resources.block_state_at(run_id, step, rev)
@@ -126,7 +126,7 @@ def step_view() -> None:
     with side:
         if not row.empty:
             st.markdown(widgets.step_figures(row.iloc[0]))
-        replay_view.free_queue(state)
+        replay_view.free_queue(state, row)
         st.markdown(f"**Events of step {step}**")
         req_events = events.loc[events["step"] == step, ["request_id", "kind"]]
         if step_events.empty and req_events.empty:

@@ -248,7 +248,7 @@ def test_free_queue_spec_shows_the_head_of_the_queue_in_order():
     long = BlockState([0] * n, [None] * n, [None] * n, list(range(n)))
     spec = block_grid.free_queue_spec(block_grid.free_queue_frame(long, limit=256))
     assert [r["block_id"] for r in rows(spec)] == list(range(256))
-    assert block_grid.free_queue_caption(long) == (
+    assert block_grid.free_queue_caption(300, 0) == (
         "Free queue: 300 blocks, 0 of them cached; the first is reused (and evicted, if "
         "cached) next (the first 256 drawn)")
 

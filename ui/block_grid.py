@@ -129,7 +129,7 @@ def block_frame(state: BlockState, layout: GridLayout | None = None, *,
 def _lanes(state: BlockState, labels: dict[int, str] | None) -> list[tuple[str, np.ndarray]]:
     """(title, block ids in order) per lane; one untitled lane with one group."""
     n = len(state.ref_counts)
-    groups = sorted({g for g in state.groups if g is not None} | set(labels or ()))
+    groups = sorted((set(state.groups) - {None}) | set(labels or ()))
     if len(groups) <= 1:
         return [("", np.arange(n))]
     codes = np.fromiter((-1 if g is None else g for g in state.groups), dtype=np.int64, count=n)
@@ -159,11 +159,12 @@ def _block_arrays(state: BlockState, step_events: pd.DataFrame | None,
 def _cells(lanes: list[tuple[str, np.ndarray]], layout: GridLayout,
            a: dict[str, np.ndarray]) -> pd.DataFrame:
     k, cols = layout.blocks_per_cell, layout.columns
-    parts, y = [], 0
+    parts: list[dict[str, np.ndarray]] = []
+    y = 0
     for title, ids in lanes:
         ids = ids[(ids >= layout.lo) & (ids <= layout.hi)]
         if title:
-            parts.append(pd.DataFrame({"x": [0], "y": [y], "block_id": [-1], "lane": [title]}))
+            parts.append(_header(title, y))
             y += 1
         if len(ids) == 0:
             continue
@@ -176,66 +177,73 @@ def _cells(lanes: list[tuple[str, np.ndarray]], layout: GridLayout,
         y += -(-num_cells // cols)
     if not parts:
         return pd.DataFrame(columns=_COLUMNS)
-    cells = pd.concat(parts, ignore_index=True)
-    return _pieces(cells)
+    return _pieces({c: np.concatenate([p[c] for p in parts]) for c in parts[0]})
 
 
 def _aggregate(ids: np.ndarray, cell: np.ndarray, num_cells: int,
-               a: dict[str, np.ndarray]) -> pd.DataFrame:
+               a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     def count(mask: np.ndarray) -> np.ndarray:
-        return np.bincount(cell, weights=mask.astype(np.float64), minlength=num_cells)
+        return np.bincount(cell, weights=mask, minlength=num_cells).astype(np.int64)
 
     code = a["code"][ids]
     first = np.searchsorted(cell, np.arange(num_cells))
     last = np.r_[first[1:], len(ids)] - 1
-    return pd.DataFrame({
+    return {
         "block_id": ids[first], "last_block": ids[last],
-        "blocks": np.bincount(cell, minlength=num_cells),
-        "in_use": count(code == 0).astype(np.int64), "cached": count(code == 1).astype(np.int64),
-        "free": count(code == 2).astype(np.int64),
-        "changed": count(a["change"][ids] >= 0).astype(np.int64),
+        "blocks": np.bincount(cell, minlength=num_cells).astype(np.int64),
+        "in_use": count(code == 0), "cached": count(code == 1), "free": count(code == 2),
+        "changed": count(a["change"][ids] >= 0),
         "change": _CHANGE_NAMES[np.maximum.reduceat(a["change"][ids], first) + 1],
         "hl": (count(a["hl"][ids]) > 0).astype(np.int64),
-        "ref_count": a["ref"][ids[first]], "lane": "",
-    })
+        "ref_count": a["ref"][ids[first]], "lane": np.full(num_cells, "", dtype=object),
+    }
+
+
+def _header(title: str, y: int) -> dict[str, np.ndarray]:
+    zero = np.zeros(1, dtype=np.int64)
+    return {"block_id": zero - 1, "last_block": zero - 1, "blocks": zero, "in_use": zero,
+            "cached": zero, "free": zero, "changed": zero, "change": np.array([""], dtype=object),
+            "hl": zero, "ref_count": zero, "lane": np.array([title], dtype=object),
+            "x": zero, "y": zero + y}
 
 
 _COLUMNS = ["x", "y", "xa", "xb", "ya", "yb", "xm", "ym", "state", "block_id", "last_block",
             "blocks", "in_use", "cached", "free", "changed", "change", "hl", "first", "ref_count",
             "label", "lane"]
 _CHANGE_NAMES = np.array(["", *CHANGE_PRIORITY], dtype=object)  # change code + 1 -> name
+_STATE_NAMES = np.array(["", *STATES], dtype=object)  # piece state code + 1 -> name
 
 
-def _pieces(cells: pd.DataFrame) -> pd.DataFrame:
-    """A piece per (cell, state present in it), stacked top to bottom in STATES order."""
+def _pieces(cells: dict[str, np.ndarray]) -> pd.DataFrame:
+    """A piece per (cell, state present in it), stacked top to bottom in STATES order; lane
+    headers are one piece without a state. Arrays only: this runs at every step."""
     header = cells["block_id"] < 0
-    body = cells[~header].reset_index(drop=True)
-    shares = body[["in_use", "cached", "free"]].to_numpy(dtype=np.float64, copy=True)
-    shares /= np.maximum(shares.sum(axis=1, keepdims=True), 1)
+    counts = np.stack([cells["in_use"], cells["cached"], cells["free"]], axis=1)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     start = np.cumsum(shares, axis=1) - shares
-    pieces = []
-    for code, state in enumerate(STATES):
-        present = shares[:, code] > 0
-        p = body[present].copy()
-        p["state"] = state
-        p["ya"] = p["y"] + _GAP + start[present, code] * (1 - 2 * _GAP)
-        p["yb"] = p["ya"] + shares[present, code] * (1 - 2 * _GAP)
-        pieces.append(p)
-    heads = cells[header].copy()
-    heads["state"], heads["ya"], heads["yb"] = "", heads["y"] + 0.5, heads["y"] + 0.5
-    out = pd.concat([*pieces, heads], ignore_index=True)
-    out["first"] = (~out.duplicated(["x", "y"]) & (out["block_id"] >= 0)).astype(np.int64)
-    out = out.sort_values(["y", "x", "first"], ascending=[True, True, False], kind="stable")
+    cell_of, code_of, ya, yb = [np.flatnonzero(header)], [np.full(header.sum(), -1)], [], []
+    ya.append(cells["y"][header] + 0.5)
+    yb.append(cells["y"][header] + 0.5)
+    inner = 1 - 2 * _GAP
+    for code in range(len(STATES)):
+        present = np.flatnonzero((shares[:, code] > 0) & ~header)
+        cell_of.append(present)
+        code_of.append(np.full(len(present), code))
+        top = cells["y"][present] + _GAP + start[present, code] * inner
+        ya.append(top)
+        yb.append(top + shares[present, code] * inner)
+    index, code = np.concatenate(cell_of), np.concatenate(code_of)
+    order = np.lexsort((code, index))
+    index, code = index[order], code[order]
+    out = {c: cells[c][index] for c in cells}
+    out["ya"], out["yb"] = np.concatenate(ya)[order], np.concatenate(yb)[order]
+    out["state"] = _STATE_NAMES[code + 1]
+    out["first"] = ((np.r_[True, index[1:] != index[:-1]]) & (code >= 0)).astype(np.int64)
     out["xa"], out["xb"] = out["x"] + _GAP, out["x"] + 1 - _GAP
     out["xm"], out["ym"] = out["x"] + 0.5, out["y"] + 0.5
-    out["ref_count"] = out["ref_count"].fillna(0).astype(np.int64)
-    out["label"] = np.where((out["blocks"] == 1) & (out["ref_count"] > 1),
-                            out["ref_count"].astype(str), "")
-    for col in ("last_block", "blocks", "in_use", "cached", "free", "changed", "hl"):
-        out[col] = out[col].fillna(0).astype(np.int64)
-    out["lane"] = out["lane"].fillna("")
-    out["change"] = out["change"].fillna("")
-    return out[_COLUMNS].reset_index(drop=True)
+    single = (out["blocks"] == 1) & (out["ref_count"] > 1)
+    out["label"] = np.where(single, out["ref_count"].astype(str), "")
+    return pd.DataFrame({c: out[c] for c in _COLUMNS})
 
 
 # The spec -------------------------------------------------------------------------------------
@@ -332,12 +340,11 @@ def free_queue_frame(state: BlockState, limit: int = MAX_QUEUE_CELLS) -> pd.Data
         columns=["position", "block_id", "state"])
 
 
-def free_queue_caption(state: BlockState, limit: int = MAX_QUEUE_CELLS) -> str:
-    n = len(state.free_queue)
-    cached = sum(state.block_hashes[b] is not None for b in state.free_queue)
-    shown = f" (the first {limit:,} drawn)" if n > limit else ""
-    return (f"Free queue: {n:,} blocks, {cached:,} of them cached; the first is reused "
-            f"(and evicted, if cached) next{shown}")
+def free_queue_caption(num_free: int, num_cached: int, limit: int = MAX_QUEUE_CELLS) -> str:
+    """What the free queue holds (from the step's record: no walk over a long queue)."""
+    shown = f" (the first {limit:,} drawn)" if num_free > limit else ""
+    return (f"Free queue: {num_free:,} blocks, {num_cached:,} of them cached; the first is "
+            f"reused (and evicted, if cached) next{shown}")
 
 
 def free_queue_spec(queue: pd.DataFrame) -> dict[str, Any]:

@@ -56,11 +56,15 @@ def with_step_rule(spec: dict[str, Any], step: float, color: str = "#dc2626", *,
 X_TITLES = {"step": "step", "t": "time (s)"}
 
 
-def series_chart(df: pd.DataFrame, column: str, *, title: str | None = None,
+def series_chart(df: pd.DataFrame | alt.NamedData, column: str, *, title: str | None = None,
                  x: str = "step") -> alt.Chart:
-    """One per-step series of one run as a line, over steps or (`x="t"`) over time."""
+    """One per-step series of one run as a line, over steps or (`x="t"`) over time (from a
+    frame, or a named dataset with the columns step, `x` and `column`)."""
     cols = list(dict.fromkeys(["step", x, column]))
-    data = df[cols] if not df.empty else pd.DataFrame({c: [] for c in cols})
+    if isinstance(df, alt.NamedData):
+        data: pd.DataFrame | alt.NamedData = df
+    else:
+        data = df[cols] if not df.empty else pd.DataFrame({c: [] for c in cols})
     return _series_chart(data, column, title or SERIES_LABELS.get(column, column), x)
 
 
@@ -78,8 +82,8 @@ def _series_chart(data: pd.DataFrame | alt.NamedData, column: str, label: str,
     )
 
 
-def per_step_chart(long: pd.DataFrame, title: str, *, stacked: bool, x: str = "step"
-                   ) -> alt.Chart:
+def per_step_chart(long: pd.DataFrame | alt.NamedData, title: str, *, stacked: bool,
+                   x: str = "step") -> alt.Chart:
     """Several per-step series of one run (ui.analysis.per_step_long): stacked areas (parts of
     one whole, e.g. prefill and decode tokens) or lines (e.g. tokens looked up and hit)."""
     mark = (alt.Chart(long, title=title).mark_area(interpolate="step-after", opacity=0.85)

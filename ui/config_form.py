@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -274,11 +273,12 @@ def validate(v: dict[str, Any], slots: Slots) -> RunConfig | None:
 def device_memory(device: str) -> tuple[str, str, int] | None:
     """(device type, whose memory, bytes) where a run's KV cache would live; None for "cuda"
     on a machine without one. torch is imported only when a GPU may be there: the page stays
-    light on a CPU machine that has not run anything yet."""
-    torch = sys.modules.get("torch")
-    if torch is None and (device == "cuda" or (device == "auto" and _maybe_nvidia())):
-        import torch
-    if device != "cpu" and torch is not None and torch.cuda.is_available():
+    light on a CPU machine (and never reads a torch that another thread is still importing)."""
+    if device == "cpu" or (device == "auto" and not _maybe_nvidia()):
+        return "cpu", "this machine's", _physical_memory()
+    import torch  # waits for an import in progress on another thread
+
+    if torch.cuda.is_available():
         return "cuda", "this GPU's", int(torch.cuda.get_device_properties(0).total_memory)
     if device == "cuda":
         return None

@@ -62,9 +62,9 @@ def _jump(candidates: np.ndarray, forward: bool) -> None:
         set_step(target)
 
 
-def navigation(steps: pd.DataFrame, first: int, last: int) -> None:
+def navigation(run_id: int, rev: str, first: int, last: int) -> None:
     """Type a step; jump to the previous or next preemption, eviction or prefix hit."""
-    jumps = analysis.jump_steps(steps)
+    jumps = resources.jump_steps(run_id, rev)
     st.session_state["replay_step_typed"] = st.session_state[STEP_KEY]
     cols = st.columns([1.2, 1.6, 0.7, 0.7])
     cols[0].number_input("go to step", first, last, key="replay_step_typed", step=1,
@@ -124,8 +124,11 @@ def grid(info: RunInfo, state: BlockState, holders: Holders | None,
     st.vega_lite_chart(block_grid.block_grid_spec(frame, layout), width="stretch")
 
 
-def free_queue(state: BlockState) -> None:
-    st.caption(block_grid.free_queue_caption(state))
+def free_queue(state: BlockState, row: pd.DataFrame) -> None:
+    if not row.empty:
+        r = row.iloc[0]
+        st.caption(block_grid.free_queue_caption(int(r["blocks_free"]),
+                                                 int(r["blocks_cached_free"])))
     st.vega_lite_chart(block_grid.free_queue_spec(block_grid.free_queue_frame(state)),
                        width="content")
 

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar
 
+import altair as alt
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import streamlit as st
@@ -234,6 +236,12 @@ def request_segments(url: str, run_id: int, rev: str, last_step: int) -> pd.Data
 
 
 @store_query(max_entries=16)
+def jump_steps(url: str, run_id: int, rev: str) -> dict[str, np.ndarray]:
+    """Steps with a preemption, an eviction, a prefix hit (ui.analysis.jump_steps)."""
+    return analysis.jump_steps(steps.at(url, run_id, rev))
+
+
+@store_query(max_entries=16)
 def request_table(url: str, run_id: int, rev: str) -> pd.DataFrame:
     return analysis.request_table(requests.at(url, run_id, rev))
 
@@ -247,20 +255,20 @@ def run_chart_spec(url: str, run_id: int, rev: str, name: str, last_step: int,
     datasets are Arrow IPC bytes: 'blocks', 'requests_by_state', a PER_STEP_SERIES name or a
     SERIES_LABELS column."""
     series = step_series.at(url, run_id, rev)
+    rows = alt.NamedData("rows")
     if name == "blocks":
         mix = analysis.block_mix(series).merge(series[["step", "t"]], on="step")
-        chart = charts.block_mix_chart(mix, x=x)
-    elif name == "requests_by_state":
+        return _named(charts.block_mix_chart(rows, x=x), rows=mix)
+    if name == "requests_by_state":
         seg = request_segments.at(url, run_id, rev, last_step)
         counts = analysis.downsample(timeline.state_counts(seg, last_step), 4500)
-        chart = timeline.state_counts_chart(counts)
-    elif name in analysis.PER_STEP_SERIES:
+        return _named(timeline.state_counts_chart(rows), rows=counts)
+    if name in analysis.PER_STEP_SERIES:
         title, _ = analysis.PER_STEP_SERIES[name]
-        chart = charts.per_step_chart(analysis.per_step_long(series, name), title,
-                                      stacked=name == "tokens_per_step", x=x)
-    else:
-        chart = charts.series_chart(series, name, x=x)
-    return _with_arrow(chart.to_dict())
+        return _named(charts.per_step_chart(rows, title, stacked=name == "tokens_per_step",
+                                            x=x), rows=analysis.per_step_long(series, name))
+    columns = list(dict.fromkeys(["step", x, name]))
+    return _named(charts.series_chart(rows, name, x=x), rows=series[columns])
 
 
 @store_query(max_entries=64)
@@ -270,26 +278,23 @@ def timeline_spec(url: str, run_id: int, rev: str, last_step: int, page: int) ->
     shown, first, last = timeline.page_of(seg, page)
     title = (f"request timeline: requests {first:,}-{last:,} of {seg['request_id'].nunique():,}"
              if timeline.num_pages(seg) > 1 else "request timeline")
-    return _with_arrow(timeline.request_timeline_chart(shown, title=title).to_dict())
+    return _named(timeline.request_timeline_chart(shown, title=title,
+                                                  data=alt.NamedData("segments")),
+                  segments=shown)
 
 
-def _with_arrow(spec: dict) -> dict:
-    # Streamlit turns a dataset of rows into Arrow at every st.vega_lite_chart call and passes
-    # bytes through untouched: converted here once per run, not at every slider move (it was
-    # half of a move's server time with Replay's five whole-run charts). Inline values become
-    # a named dataset too.
-    datasets = dict(spec.get("datasets", {}))
-    values = spec.get("data", {}).get("values") if isinstance(spec.get("data"), dict) else None
-    if values is not None:
-        datasets["inline"] = values
-        spec["data"] = {"name": "inline"}
-    spec["datasets"] = {k: arrow_ipc(rows) for k, rows in datasets.items()}
+def _named(chart: Any, **frames: pd.DataFrame) -> dict:
+    """A chart that reads named datasets, with those frames as Arrow IPC bytes. Streamlit
+    turns a dataset of rows into Arrow at every st.vega_lite_chart call and passes bytes
+    through untouched, so this is done once per run, not at every slider move; and Altair
+    never sees (nor validates, row by row) the data, which took seconds for 20,000 requests."""
+    spec = chart.to_dict()
+    spec["datasets"] = {name: _frame_ipc(frame) for name, frame in frames.items()}
     return spec
 
 
-def arrow_ipc(rows: list[dict[str, Any]]) -> bytes:
-    """Rows as an Arrow IPC stream, the form Streamlit sends a chart's named dataset in."""
-    table = pa.Table.from_pylist(rows)
+def _frame_ipc(frame: pd.DataFrame) -> bytes:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)

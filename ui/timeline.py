@@ -86,13 +86,16 @@ def _values(frame: pd.DataFrame) -> alt.Data:
     return alt.Data(values=json.loads(frame.to_json(orient="records")))
 
 
-def request_timeline_chart(segments: pd.DataFrame, *, title: str = "requests") -> alt.Chart:
+def request_timeline_chart(segments: pd.DataFrame, *, title: str = "requests",
+                           data: alt.NamedData | None = None) -> alt.Chart:
     """One row per request, bars coloured waiting / running / preempted (Replay layers its
-    step's rule on with ui.charts.with_step_rule). Meant for one page of requests."""
+    step's rule on with ui.charts.with_step_rule). Meant for one page of requests. With
+    `data`, the chart reads that named dataset (the caller supplies `segments` there)."""
     n = segments["request_id"].nunique() if not segments.empty else 1
     row = max(3, min(14, 600 // n))  # px per request: a discrete step (see ui.block_grid)
     order = list(TIMELINE_COLOURS)
-    return alt.Chart(_values(segments), title=title, height=alt.Step(row)).mark_bar().encode(
+    source = data if data is not None else _values(segments)
+    return alt.Chart(source, title=title, height=alt.Step(row)).mark_bar().encode(
         x=alt.X("start:Q", title="step"),
         x2="end:Q",
         y=alt.Y("request_id:O", title="request", axis=alt.Axis(labels=n <= 60)),
@@ -104,10 +107,13 @@ def request_timeline_chart(segments: pd.DataFrame, *, title: str = "requests") -
     )
 
 
-def state_counts_chart(counts: pd.DataFrame, *, title: str = "requests by state") -> alt.Chart:
-    """Stacked area of the requests waiting / running / preempted at each step."""
+def state_counts_chart(counts: pd.DataFrame | alt.NamedData, *,
+                       title: str = "requests by state") -> alt.Chart:
+    """Stacked area of the requests waiting / running / preempted at each step (a frame from
+    `state_counts`, or the name of a dataset holding one)."""
     order = list(TIMELINE_COLOURS)
-    return alt.Chart(_values(counts), title=title).mark_area(interpolate="step-after").encode(
+    source = counts if isinstance(counts, alt.NamedData) else _values(counts)
+    return alt.Chart(source, title=title).mark_area(interpolate="step-after").encode(
         x=alt.X("step:Q", title="step"),
         y=alt.Y("requests:Q", stack="zero", title="requests"),
         color=alt.Color("state:N", scale=alt.Scale(domain=order,

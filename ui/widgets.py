@@ -80,12 +80,14 @@ def live_run_panel(live: LiveRun, *, show_charts: bool = True, key: str = "live"
 
     Call it only when the page found the run not done. The fragment always polls, so a run
     that ends between the page's check and this call is still noticed: the whole page then
-    reruns once, so it can show the summary (or move on).
+    reruns once, so it can show the summary (or move on). So does a run that got its id or
+    changed phase (the page's header names both).
     """
+    seen = (live.run_id, live.phase)
 
     @st.fragment(run_every=LIVE_REFRESH_S)
     def panel() -> None:
-        if live.done:
+        if live.done or (live.run_id, live.phase) != seen:
             resources.refresh_runs()
             st.rerun(scope="app")
         cols = st.columns([5, 1])
