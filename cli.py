@@ -1,10 +1,13 @@
 """KV Cache Lab command line: the same engine and store code paths as the dashboard.
 
     python cli.py generate --prompt "..." [--chat] --max-tokens N [--temperature T --seed S]
-    python cli.py run [--model smollm2|tiny] [--workload NAME|FILE] [--num-blocks N | --kv-budget
-        64MiB] [--no-prefix-caching] [--json] [--db URL]
+    python cli.py run [--model smollm2|tiny|mla-lite|mla-tiny|FOLDER] [--workload NAME|FILE]
+        [--num-blocks N | --kv-budget 64MiB] [--no-prefix-caching] [--max-requests N]
+        [--mla-path auto|absorbed|expanded] [--json] [--db URL]
     python cli.py runs | export RUN_ID FILE | import FILE [--copy] | delete RUN_ID   (the store)
     python cli.py quality --kv-dtype int4 [--kv-rotate] [--json]   (a cache format's cost)
+    python cli.py convert-mla --rank R [--rope-dims D] [--out FOLDER]   (SmolLM2 as MLA; see
+        engine/models/mla_convert.py)
     python cli.py sweep --base config.json --axis block_size=8,16 [--axis ...] (Ray sweeps;
         see sweep/cli_commands.py) | sweeps [SWEEP_ID] | sweep-export SWEEP_ID FILE
 
@@ -18,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+import mla_cli
 import quality_cli
 
 EXIT_BAD_INPUT = 2
@@ -48,17 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object with token_ids and text")
     _add_engine_arguments(gen)
     gen.set_defaults(handler=cmd_generate)
 
     run = sub.add_parser("run", help="run a workload and print a summary")
     run.add_argument("--workload", default="shared-prefix",
                      help="a preset name (shared-prefix, prompts, mixed, chat, long) or a "
-                          "JSON-lines file")
+                          "file: JSON lines, an OpenAI batch input file or ShareGPT JSON")
+    run.add_argument("--max-requests", type=int, default=100_000,
+                     help="refuse a workload file with more requests than this")
+    run.add_argument("--max-workload-bytes", default="256MiB",
+                     help="refuse a workload file larger than this, e.g. 1GiB")
     run.add_argument("--block-size", type=int, default=16)
     budget = run.add_mutually_exclusive_group()
     budget.add_argument("--num-blocks", type=int)
     budget.add_argument("--kv-budget", help="KV cache size, e.g. 64MiB; turned into blocks")
+    budget.add_argument("--kv-memory-fraction", type=float,
+                        help="vLLM's gpu_memory_utilization: the share of device memory (CPU: "
+                             "what the process may hold) for weights, activations and the "
+                             "cache; the cache gets the rest")
+    run.add_argument("--telemetry-hz", type=float, default=10.0,
+                     help="device readings per second in the trace (0: none)")
     run.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     run.add_argument("--max-num-seqs", type=int, default=8)
     run.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -80,15 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_commands(sub)
     quality_cli.register(sub, _add_engine_arguments, add_db_argument)
+    mla_cli.register(sub)
     register_sweep_commands(sub)
     return parser
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="smollm2 (bundled) or tiny (random)")
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2 (bundled), tiny, mla-lite or mla-tiny (random by seed), "
+                             "or a Hugging Face model folder (config.json + *.safetensors: "
+                             "Llama, DeepSeek-V2/V3)")
+    parser.add_argument("--mla-path", default="auto", choices=("auto", "absorbed", "expanded"),
+                        help="MLA models: attend through the latent (absorbed) or by "
+                             "up-projecting it (expanded); auto absorbs decode and picks per "
+                             "prefill chunk by cost")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), "
-                                                        "fp32, bf16, fp16")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 on CUDA and on CPUs with bf16 instructions, else "
+                             "fp32), fp32, bf16, fp16")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
@@ -106,19 +131,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         request = WorkloadRequest(0, prompt=args.prompt, max_tokens=args.max_tokens)
     result = _run_engine(config, ListSink(), requests=[request])
-    print(result.output_text.get(0, ""))
+    if args.json:
+        print(json.dumps({"token_ids": result.output_token_ids.get(0, []),
+                          "text": result.output_text.get(0, "")}))
+    else:
+        print(result.output_text.get(0, ""))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from engine.trace import ListSink
-    from engine.workload import WorkloadError, build_workload
 
     config = _config_from_args(args, max_model_len=args.max_model_len)
-    try:
-        requests = build_workload(config.workload, config.seed)
-    except WorkloadError as exc:
-        raise CliError(str(exc)) from exc
+    requests = _workload(config, args)
     progress = (_Progress(sum(r.max_tokens for r in requests))
                 if sys.stderr.isatty() and not args.json else None)
     writer = _open_writer(args, config)
@@ -144,6 +169,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workload(config, args: argparse.Namespace) -> list:
+    """The run's requests; a file's detected format is announced (on stderr with --json, so
+    stdout stays one JSON object)."""
+    from engine.config import ConfigError, parse_bytes
+    from engine.workload import (
+        WorkloadError,
+        WorkloadLimits,
+        build_workload,
+        by_arrival,
+        read_workload_file,
+    )
+
+    try:
+        limits = WorkloadLimits(max_requests=args.max_requests,
+                                max_bytes=parse_bytes(args.max_workload_bytes))
+    except ConfigError as exc:
+        raise CliError(f"cannot read --max-workload-bytes {args.max_workload_bytes!r} as a "
+                       "size; write e.g. 256MiB or 1GiB") from exc
+    if limits.max_requests < 1 or limits.max_bytes < 1:
+        raise CliError("--max-requests and --max-workload-bytes must be at least 1")
+    try:
+        if config.workload.kind != "file":
+            return build_workload(config.workload, config.seed, limits=limits)
+        loaded = read_workload_file(config.workload.path, limits=limits)
+    except WorkloadError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"workload: {loaded.describe()}", file=sys.stderr if args.json else sys.stdout,
+          flush=True)
+    return by_arrival(loaded.requests)
+
+
 def _open_writer(args: argparse.Namespace, config):
     if not args.db:
         return None
@@ -167,11 +223,13 @@ def _config_from_args(args: argparse.Namespace, max_model_len: int | None):
         sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, ignore_eos=getattr(args, "ignore_eos", False))
         knobs = dict(model=args.model, device=args.device, dtype=args.dtype,
-                     seed=args.seed, sampling=sampling, max_model_len=max_model_len)
+                     seed=args.seed, sampling=sampling, max_model_len=max_model_len,
+                     mla_path=args.mla_path)
         if args.command == "run":
             knobs.update(
                 block_size=args.block_size, num_blocks=args.num_blocks,
                 kv_budget_bytes=parse_bytes(args.kv_budget) if args.kv_budget else None,
+                kv_memory_fraction=args.kv_memory_fraction, telemetry_hz=args.telemetry_hz,
                 enable_prefix_caching=args.prefix_caching, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, kv_dtype=args.kv_dtype,
                 policy=args.policy, kv_rotate=args.kv_rotate,
@@ -193,6 +251,7 @@ def _option_for(field_name: str) -> str:
     if field_name.startswith("workload"):
         return "--workload"
     special = {"kv_budget_bytes": "--kv-budget", "kv_budget": "--kv-budget",
+               "kv_memory_fraction": "--kv-memory-fraction",
                "enable_prefix_caching": "--prefix-caching"}
     return special.get(field_name, "--" + field_name.replace("_", "-"))
 
@@ -202,21 +261,24 @@ def _workload_spec(text: str):
 
     if text.endswith((".jsonl", ".json")) or Path(text).is_file():
         if not Path(text).is_file():
-            raise CliError(f"workload file {text} does not exist; give a JSON-lines file or a "
-                           "preset name")
+            raise CliError(f"workload file {text} does not exist; give a workload file (JSON "
+                           "lines, OpenAI batch or ShareGPT) or a preset name")
         return WorkloadSpec(kind="file", path=str(Path(text).resolve()))
     return WorkloadSpec(kind="preset", name=text)
 
 
 def _run_engine(config, sink, **kwargs):
     from engine.device import DeviceError
+    from engine.memory_profile import KVBudgetError
     from engine.models.gguf_loader import ModelFileError
+    from engine.models.hf_config import ModelFolderError
     from engine.run import run
     from engine.workload import WorkloadError
 
     try:
         return run(config, sink, **kwargs)
-    except (WorkloadError, DeviceError, ModelFileError) as exc:
+    except (WorkloadError, DeviceError, ModelFileError, ModelFolderError,
+            KVBudgetError) as exc:
         raise CliError(str(exc)) from exc
 
 
@@ -251,9 +313,18 @@ def _print_summary(s: dict) -> None:
         ("preemptions", s["num_preemptions"]),
         ("evictions", s["num_evictions"]),
         ("peak blocks used", f"{s['peak_blocks_used']} of {s['num_blocks']}"),
-        ("KV bytes per token", f"{s['kv_bytes_per_token']} ({s['kv_dtype']}, {s['device']})"),
+        ("KV bytes per token", f"{s['kv_bytes_per_token']} ({s['kv_dtype']}, {s['device']}; "
+                               f"allocated: {s.get('kv_allocated_bytes_per_token')})"),
         ("KV cache groups", _groups_line(s.get("kv_groups") or [], s.get("kv_page_size_bytes"))),
     ]
+    profile = s.get("memory_profile") or {}
+    if profile:
+        rows.append(("memory", ", ".join(
+            f"{label} {profile[key] / 2**20:,.1f} MiB" for label, key in (
+                ("weights", "weights_bytes"), ("activations", "activation_peak_bytes"),
+                ("KV cache", "kv_cache_bytes"), ("other torch", "other_torch_bytes"),
+                ("non-torch", "non_torch_bytes")))))
+        rows.append(("KV blocks", profile.get("kv_blocks_rule", "")))
     if s.get("gpu_note"):
         rows.append(("GPU telemetry", s["gpu_note"]))
     for label, value in rows:

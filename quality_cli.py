@@ -5,7 +5,9 @@
 
 Prints the figures (KL divergence from the fp32 full cache, top-1 agreement, both
 perplexities, KV bytes per token held) and stores them in the trace database, where the
-Quality page plots every evaluation ever made.
+Quality page plots every evaluation ever made. A model folder written by `cli.py convert-mla`
+is scored against the model it was converted from (SmolLM2, fp32 full cache): the figures are
+then what the conversion and the cache format cost together.
 """
 
 from __future__ import annotations
@@ -66,17 +68,24 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
 def _quality(args: argparse.Namespace) -> int:
     from engine.config import ConfigError, RunConfig
+    from engine.models.hf_config import ModelFolderError
     from engine.quality import QualityError, evaluate, held_set, passage_tokens, split_text
     from engine.run import load_model_for
 
     try:
         config = RunConfig(model=args.model, device=args.device, dtype=args.dtype,
                            kv_dtype=args.kv_dtype, kv_rotate=args.kv_rotate, policy=args.policy,
-                           block_size=args.block_size, seed=args.seed,
+                           block_size=args.block_size, seed=args.seed, mla_path=args.mla_path,
                            max_model_len=min(args.context + 1, _context_limit(args.model)))
+        source_model = getattr(config.model_config, "converted_from", None)
+        reference_config = config.replace(model=source_model) if source_model else None
     except ConfigError as exc:
         raise CliError(f"{exc} (option --{exc.field.replace('_', '-')})") from exc
-    loaded = load_model_for(config)
+    try:
+        loaded = load_model_for(config)
+    except ModelFolderError as exc:
+        raise CliError(str(exc)) from exc
+    reference = load_model_for(reference_config) if reference_config else None
     try:
         if args.text_file:
             text = _read_text(args.text_file)
@@ -87,10 +96,13 @@ def _quality(args: argparse.Namespace) -> int:
             source = "held set"
         progress = _progress if sys.stderr.isatty() and not args.json else None
         result = evaluate(config, loaded, passages, context=args.context,
-                          num_scored=args.num_scored, source=source, on_progress=progress)
+                          num_scored=args.num_scored, source=source, on_progress=progress,
+                          reference=reference)
     except QualityError as exc:
         raise CliError(str(exc)) from exc
     figures = result.to_dict()
+    if reference is not None:
+        figures["reference_model"] = reference.config.name
     if not args.no_store:
         figures["quality_id"] = _store(args.db, result, config)
     if args.json:
@@ -141,8 +153,16 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _context_limit(model: str) -> int:
     from engine.models.config import MODEL_CONFIGS
+    from engine.models.hf_config import ModelFolderError, looks_like_path, read_folder_config
 
-    return MODEL_CONFIGS[model].max_position_embeddings if model in MODEL_CONFIGS else 1 << 30
+    if model in MODEL_CONFIGS:
+        return MODEL_CONFIGS[model].max_position_embeddings
+    if looks_like_path(model):
+        try:
+            return read_folder_config(model).max_position_embeddings
+        except ModelFolderError:
+            pass  # RunConfig says what is wrong with the folder
+    return 1 << 30
 
 
 def _read_text(path: str) -> str:
@@ -181,6 +201,7 @@ def _print(f: dict) -> None:
     rotate = " + Hadamard rotation" if f["kv_rotate"] else ""
     rows = [
         ("cache", f"{f['kv_dtype']}{rotate}, policy {f['policy']}, block {f['block_size']}"),
+        ("reference", f"{f.get('reference_model') or f['model']}, fp32 full cache"),
         ("scored", f"{f['num_tokens_scored']} tokens ({f['num_passages']} passages of "
                    f"{f['context']} from {f['source']})"),
         ("KL(fp32 || cache)", f"{f['kl_mean']:.6f} nats per token"),

@@ -5,9 +5,11 @@ same prompts, one process.
 (b) 32 requests whose output lengths spread over 16..256 (shuffled): transformers in batches of 8,
     each batch running until its longest request is done (the "wasted" tokens are computed but
     not useful); our engine batches continuously with the same 8 sequence slots.
-Both generate exactly the requested lengths (EOS ignored) so the useful work is identical.
+Both generate exactly the requested lengths (EOS ignored) so the useful work is identical, in
+the same dtype (default: the engine's default for the device, bf16 where the CPU has bf16
+instructions and on CUDA).
 
-    python bench/e2e_decode.py [--json] [--device cpu|cuda] [--quick]
+    python bench/e2e_decode.py [--json] [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--quick]
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import RunConfig, SamplingConfig  # noqa: E402
-from engine.device import resolve_device, torch_dtype  # noqa: E402
+from engine.device import dtype_name, resolve_device, torch_dtype  # noqa: E402
 from engine.models.gguf_loader import gguf_path  # noqa: E402
 from engine.models.loader import load_model  # noqa: E402
 from engine.run import run  # noqa: E402
@@ -64,7 +66,8 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -
 def engine_generate(loaded, prompts: list[list[int]], lengths: list[int]):
     requests = [WorkloadRequest(i, prompt_token_ids=p, max_tokens=n)
                 for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))]
-    config = RunConfig(model="smollm2", device=str(loaded.device.type), max_num_seqs=8,
+    config = RunConfig(model="smollm2", device=str(loaded.device.type),
+                       dtype=dtype_name(loaded.dtype), max_num_seqs=8,
                        max_num_batched_tokens=1024, max_model_len=2048,
                        sampling=SamplingConfig(ignore_eos=True))
     result = run(config, ListSink(), model=loaded, requests=requests)
@@ -101,11 +104,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="both sides' dtype (auto: the engine's default for the device)")
     parser.add_argument("--quick", action="store_true", help="smaller (b) for a smoke run")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = resolve_device(args.device)
-    dtype = torch_dtype("fp32" if device.type == "cpu" else "bf16")
+    dtype = torch_dtype(RunConfig(dtype=args.dtype).resolved_dtype(device.type))
     loaded = load_model("smollm2", device, dtype)
     hf = load_transformers(device, dtype)
     chats = [r.token_ids(loaded.tokenizer) for r in bundled_prompts()]

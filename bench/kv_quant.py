@@ -9,6 +9,11 @@
    steps interleaved on caches prefilled with the same passages (target >= 0.8x).
 
     python bench/kv_quant.py [--json] [--context 2048] [--num-scored 256] [--passages 8]
+                             [--device cpu|cuda] [--decode-batch N] [--decode-context N]
+
+`--decode-batch`/`--decode-context` time decode at another shape than the quality passages
+(bench/gpu_check.sh: batch 32, context 4096); the held set, joined and cut into windows of that
+length, fills the batch (windows repeat when the batch is larger than the text).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.decode_timing import decode_tokens_per_s  # noqa: E402
 from engine.config import RunConfig  # noqa: E402
-from engine.quality import evaluate_many, held_set, passage_tokens  # noqa: E402
+from engine.quality import evaluate_many, held_set, passage_tokens, split_text  # noqa: E402
 from engine.run import load_model_for  # noqa: E402
 
 TARGETS = {"int8": (1.9, 0.005, 0.99), "int4": (3.5, 0.05, 0.95), "fp8": (2.0, None, None)}
@@ -43,7 +48,7 @@ def capacity(block_sizes: tuple[int, ...]) -> list[dict]:
 
 
 def quality(loaded, passages, args) -> list[dict]:
-    base = RunConfig(model="smollm2", device="cpu", max_model_len=args.context + 1)
+    base = RunConfig(model="smollm2", device=args.device, max_model_len=args.context + 1)
     configs = [base.replace(kv_dtype=kv, kv_rotate=rot) for kv, rot in QUALITY]
     results = evaluate_many(configs, loaded, passages, context=args.context,
                             num_scored=args.num_scored)
@@ -53,10 +58,16 @@ def quality(loaded, passages, args) -> list[dict]:
              "num_tokens_scored": r.num_tokens_scored} for r in results]
 
 
-def decode_speed(loaded, passages, args) -> dict[str, float]:
-    base = RunConfig(model="smollm2", device="cpu", max_model_len=args.context + 1)
+def decode_passages(loaded, batch: int, context: int) -> list[list[int]]:
+    windows = split_text("\n\n".join(held_set(None)), loaded.tokenizer, context, batch)
+    return [windows[i % len(windows)] for i in range(batch)]
+
+
+def decode_speed(loaded, passages, context: int, args) -> dict[str, float]:
+    base = RunConfig(model="smollm2", device=args.device,
+                     max_model_len=context + args.decode_steps + 1)
     configs = {kv: base.replace(kv_dtype=kv) for kv in ("fp32", "bf16", "fp8", "int8", "int4")}
-    return decode_tokens_per_s(configs, loaded, passages, args.context, args.decode_steps)
+    return decode_tokens_per_s(configs, loaded, passages, context, args.decode_steps)
 
 
 def main() -> None:
@@ -66,9 +77,16 @@ def main() -> None:
     parser.add_argument("--num-scored", type=int, default=256)
     parser.add_argument("--passages", type=int, default=8)
     parser.add_argument("--decode-steps", type=int, default=24)
+    parser.add_argument("--decode-batch", type=int, help="default: --passages")
+    parser.add_argument("--decode-context", type=int, help="default: --context")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
-    loaded = load_model_for(RunConfig(model="smollm2", device="cpu"))
+    loaded = load_model_for(RunConfig(model="smollm2", device=args.device))
     passages = passage_tokens(held_set(args.passages), loaded.tokenizer, args.context)
+    decode_batch = args.decode_batch or args.passages
+    decode_context = args.decode_context or args.context
+    timed = (passages if (decode_batch, decode_context) == (args.passages, args.context)
+             else decode_passages(loaded, decode_batch, decode_context))
 
     cap = capacity((16, 32, 64, 128))
     print("1. blocks one byte budget buys, vs bf16 (SmolLM2: 30 layers, 3 KV heads, D 64)")
@@ -87,9 +105,11 @@ def main() -> None:
         print(f"{name:>16} {r['kl_mean']:>9.5f} {100 * r['top1']:>7.2f}% {r['ppl']:>8.3f} "
               f"{r['ppl_ref']:>9.3f} {r['kv_bytes_per_token']:>10.1f}")
 
-    speed = decode_speed(loaded, passages, args)
-    print(f"\n3. decode tokens/s at batch {args.passages}, context {args.context} "
-          f"({torch.get_num_threads()} threads, interleaved, median)")
+    speed = decode_speed(loaded, timed, decode_context, args)
+    where = (f"{torch.get_num_threads()} threads" if args.device == "cpu"
+             else torch.cuda.get_device_name())
+    print(f"\n3. decode tokens/s at batch {decode_batch}, context {decode_context} "
+          f"({where}, interleaved, median)")
     for kv, tps in speed.items():
         print(f"{kv:>6} {tps:8.1f} tok/s  {tps / speed['fp32']:.2f}x fp32")
 
@@ -109,8 +129,10 @@ def main() -> None:
     print("\nchecks (capacity at block size 128): " + ", ".join(
         f"{k} {'ok' if v else 'MISSED'}" for k, v in checks.items()))
     if args.json:
-        print(json.dumps({"bench": "kv_quant", "capacity": cap, "quality": qual,
-                          "decode_tokens_per_s": speed, "checks": checks}))
+        print(json.dumps({"bench": "kv_quant", "device": args.device, "capacity": cap,
+                          "quality": qual, "decode_batch": decode_batch,
+                          "decode_context": decode_context, "decode_tokens_per_s": speed,
+                          "checks": checks}))
 
 
 if __name__ == "__main__":

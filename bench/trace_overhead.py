@@ -70,6 +70,11 @@ class TimedSink:
         self.sink.record_keyframe(keyframe)
         self.seconds += time.perf_counter() - t0
 
+    def record_telemetry(self, sample) -> None:
+        t0 = time.perf_counter()
+        self.sink.record_telemetry(sample)
+        self.seconds += time.perf_counter() - t0
+
 
 def engine_overhead(store: Store, reps: int) -> dict[str, float]:
     from engine.run import load_model_for, run

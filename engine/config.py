@@ -7,21 +7,36 @@ so the CLI can print it as one line and the dashboard can show it next to the wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from engine.kv_cache.layout import PolicyError, make_groups, parse_policy
 from engine.kv_cache.retention import max_blocks_per_request, parse_retention
 from engine.kv_cache.spec import KV_FORMATS, QUANTIZED_BITS, KVCacheGroup
-from engine.models.config import MODEL_CONFIGS, LlamaConfig
+from engine.models.config import MODEL_CONFIGS, ModelConfig
+from engine.models.hf_config import ModelFolderError, looks_like_path, read_folder_config
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (its flags, read once, not assumed)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 KV_DTYPES = ("auto", *KV_FORMATS)  # "auto": the model's dtype; see engine/kv_cache/spec.py
 WORKLOAD_KINDS = ("synthetic", "file", "preset")
+MLA_PATHS = ("auto", "absorbed", "expanded")  # see engine/attention/mla.py
 
 
 class ConfigError(ValueError):
@@ -64,11 +79,11 @@ class SamplingConfig:
 
 @dataclass(slots=True)
 class WorkloadSpec:
-    """Which requests a run serves: a named preset, a JSON-lines file, or synthetic settings."""
+    """Which requests a run serves: a named preset, a workload file, or synthetic settings."""
 
     kind: str = "preset"
     name: str = "shared-prefix"  # preset name (engine.workload.PRESETS)
-    path: str | None = None  # JSON-lines file for kind == "file"
+    path: str | None = None  # workload file for kind == "file" (engine/workload_formats.py)
     num_requests: int = 16
     arrival_rate: float = 0.0  # requests per second, Poisson; 0 = all arrive at t=0
     prompt_len_min: int = 16
@@ -83,7 +98,7 @@ class WorkloadSpec:
         if self.kind not in WORKLOAD_KINDS:
             raise ConfigError("workload.kind", f"{self.kind!r} is not one of {WORKLOAD_KINDS}")
         if self.kind == "file" and not self.path:
-            raise ConfigError("workload.path", "a file workload needs a path to a JSON-lines file")
+            raise ConfigError("workload.path", "a file workload needs the path of a workload file")
         for name in ("num_requests", "prompt_len_min", "output_len_min", "num_turns"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"workload.{name}", "must be at least 1")
@@ -101,9 +116,11 @@ class WorkloadSpec:
 class RunConfig:
     """Every knob of one run. Construct it and it is valid, or a ConfigError says why not."""
 
-    model: str = "smollm2"  # key of engine.models.config.MODEL_CONFIGS
+    # a key of engine.models.config.MODEL_CONFIGS, or a Hugging Face model folder (made
+    # absolute here, so workers in another directory find it)
+    model: str = "smollm2"
     device: str = "auto"  # auto: cuda when available, else cpu
-    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    dtype: str = "auto"  # auto: bf16 on CUDA and on CPUs with bf16 instructions, else fp32
     kv_dtype: str = "auto"  # auto: same as dtype; fp8, int8, int4 store full blocks quantized
     kv_rotate: bool = False  # Hadamard-rotate keys and queries before quantizing (not fp32..)
     block_size: int = 16  # tokens per KV block
@@ -112,11 +129,18 @@ class RunConfig:
     policy: str = "full"
     num_blocks: int | None = None  # KV blocks; give this or kv_budget_bytes (neither: 1024)
     kv_budget_bytes: int | None = None  # a byte budget for the KV cache, turned into blocks
+    # vLLM's gpu_memory_utilization: the share of device memory (CPU: what the process may
+    # hold) for everything; the cache gets what weights, activations and the rest leave
+    kv_memory_fraction: float | None = None
     enable_prefix_caching: bool = True
     max_num_seqs: int = 8  # requests running at once
     max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None  # None: the model's context length
     keyframe_interval: int = 50  # steps between full block-state snapshots in the trace
+    telemetry_hz: float = 10.0  # device samples per second in the trace (0: none)
+    # MLA models: how attention reads the latent cache (auto: absorbed decode, prefill chunks
+    # by cost; see engine/attention/mla.py); ignored by models with a K/V cache
+    mla_path: str = "auto"
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
@@ -126,17 +150,21 @@ class RunConfig:
             self.sampling = SamplingConfig(**self.sampling)
         if isinstance(self.workload, dict):
             self.workload = WorkloadSpec(**self.workload)
-        if self.model not in MODEL_CONFIGS:
-            raise ConfigError("model", f"unknown model {self.model!r}; choose one of "
-                              f"{sorted(MODEL_CONFIGS)}")
-        for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("kv_dtype", KV_DTYPES)):
+        self._check_model()
+        for name, allowed in (("device", DEVICES), ("dtype", DTYPES), ("kv_dtype", KV_DTYPES),
+                              ("mla_path", MLA_PATHS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"{getattr(self, name)!r} is not one of {allowed}")
         bs = self.block_size
         if bs < 1 or bs & (bs - 1):
             raise ConfigError("block_size", f"{bs} is not a power of two; use e.g. 16 or 32")
-        if self.num_blocks is not None and self.kv_budget_bytes is not None:
-            raise ConfigError("num_blocks", "give either num_blocks or kv_budget_bytes, not both")
+        budgets = [n for n in ("num_blocks", "kv_budget_bytes", "kv_memory_fraction")
+                   if getattr(self, n) is not None]
+        if len(budgets) > 1:
+            raise ConfigError(budgets[1], "give one of num_blocks, kv_budget_bytes and "
+                              f"kv_memory_fraction, not {' and '.join(budgets)}")
+        if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction <= 1:
+            raise ConfigError("kv_memory_fraction", "must be in (0, 1], e.g. 0.9")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs", "must be at least 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -145,6 +173,8 @@ class RunConfig:
                               "request can decode in one step")
         if self.keyframe_interval < 1:
             raise ConfigError("keyframe_interval", "must be at least 1")
+        if not 0 <= self.telemetry_hz <= 1000:
+            raise ConfigError("telemetry_hz", "must be in 0..1000 samples per second (0: off)")
         context = self.model_config.max_position_embeddings
         if self.max_model_len is not None and not 1 <= self.max_model_len <= context:
             raise ConfigError("max_model_len", f"must be in 1..{context} (the model's context)")
@@ -159,11 +189,9 @@ class RunConfig:
             raise ConfigError("policy", str(exc).removeprefix("policy: ")) from exc
         except ValueError as exc:  # a format this model's shapes cannot take
             raise ConfigError("kv_dtype", str(exc)) from exc
-        needed = sum(max_blocks_per_request(parse_retention(g.policy),
-                                            self.resolved_max_model_len, bs,
-                                            self.max_num_batched_tokens) for g in groups)
+        needed = self.blocks_needed(groups)
         have = self.resolved_num_blocks
-        if have < needed:
+        if have is not None and have < needed:
             source = ("num_blocks" if self.kv_budget_bytes is None else "kv_budget_bytes")
             per_group = ("" if len(groups) == 1 else f" over its {len(groups)} groups")
             raise ConfigError(
@@ -174,25 +202,44 @@ class RunConfig:
                 "or lower max_model_len",
             )
 
+    def _check_model(self) -> None:
+        """A preset name, or a readable model folder (stored as an absolute path)."""
+        if looks_like_path(self.model):
+            try:
+                read_folder_config(self.model)
+            except ModelFolderError as exc:
+                raise ConfigError("model", str(exc)) from exc
+            self.model = str(Path(self.model).expanduser().resolve())
+        elif self.model not in MODEL_CONFIGS:
+            raise ConfigError("model", f"unknown model {self.model!r}; choose one of "
+                              f"{sorted(MODEL_CONFIGS)} or give a model folder path "
+                              "(config.json and *.safetensors)")
+
     # Derived values -------------------------------------------------------------------------
     @property
-    def model_config(self) -> LlamaConfig:
-        return MODEL_CONFIGS[self.model]
+    def model_config(self) -> ModelConfig:
+        if self.model in MODEL_CONFIGS:
+            return MODEL_CONFIGS[self.model]
+        return read_folder_config(self.model)
 
     @property
     def resolved_max_model_len(self) -> int:
         return self.max_model_len or self.model_config.max_position_embeddings
 
-    def resolved_kv_dtype(self, device_type: str) -> str:
-        """The cache element type once the device is known."""
+    def resolved_kv_dtype(self, device_type: str, model_dtype: str | None = None) -> str:
+        """The cache format once the device is known: 'auto' is what the model computes in
+        (`model_dtype`, when a loaded model is at hand), else the config's resolved dtype."""
         if self.kv_dtype != "auto":
             return self.kv_dtype
-        return self.resolved_dtype(device_type)
+        return model_dtype or self.resolved_dtype(device_type)
 
     def resolved_dtype(self, device_type: str) -> str:
+        """'auto': bf16 on CUDA, and on a CPU with bf16 instructions (AVX512-BF16 or AMX),
+        where bf16 matmuls run at up to twice fp32's speed for half the bytes; fp32 on other
+        CPUs, where bf16 is emulated and slower."""
         if self.dtype != "auto":
             return self.dtype
-        return "bf16" if device_type == "cuda" else "fp32"
+        return "bf16" if device_type == "cuda" or cpu_has_bf16() else "fp32"
 
     def kv_groups(self, kv_dtype: str | None = None) -> tuple[KVCacheGroup, ...]:
         """The cache's groups for this model, policy and block size. Before the device is known
@@ -220,8 +267,17 @@ class RunConfig:
                                                             / self.block_size))
 
     @property
-    def resolved_num_blocks(self) -> int:
+    def resolved_num_blocks(self) -> int | None:
+        """None when a memory fraction sizes the cache (measured at engine start)."""
+        if self.kv_memory_fraction is not None:
+            return None
         return self.num_blocks_for(self.kv_bytes_per_block)
+
+    def blocks_needed(self, groups: tuple[KVCacheGroup, ...]) -> int:
+        """Blocks one full-length request can hold at once, over all groups."""
+        return sum(max_blocks_per_request(parse_retention(g.policy), self.resolved_max_model_len,
+                                          self.block_size, self.max_num_batched_tokens)
+                   for g in groups)
 
     # JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

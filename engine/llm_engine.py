@@ -10,15 +10,18 @@ import time
 from dataclasses import dataclass, field
 
 from engine.config import RunConfig
+from engine.device import dtype_name
 from engine.kv_cache.manager import KVCacheManager
 from engine.kv_cache.residual import residual_capacity
 from engine.kv_cache.storage import PagedKVCache
+from engine.memory_profile import choose_blocks, finish_profile, start_profile
 from engine.model_runner import ModelRunner
 from engine.models.loader import LoadedModel
+from engine.roofline import bandwidth, decode_bound_s
 from engine.sampling import Sampler
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
-from engine.telemetry import MemoryProbe
+from engine.telemetry import MemoryProbe, TelemetrySampler
 from engine.trace import BlockEvent, RequestEvent, RequestRecord, StepRecord
 
 
@@ -41,16 +44,20 @@ class LLMEngine:
         self.config = config
         self.loaded = loaded
         self.device = loaded.device
-        self.kv_dtype_name = config.resolved_kv_dtype(self.device.type)
+        self.kv_dtype_name = config.resolved_kv_dtype(self.device.type, dtype_name(loaded.dtype))
         # The model's spec, grouped by the config's policy; a byte budget buys blocks at the
         # page size of the cache's real dtype.
         self.kv_groups = config.kv_groups(self.kv_dtype_name)
-        self.num_blocks = config.num_blocks_for(self.kv_groups[0].page_size_bytes)
+        # Everything but the cache is measured first, so a memory fraction can size it (vLLM)
+        self.memory_profile = start_profile(config, loaded, self.kv_groups)
+        self.num_blocks = choose_blocks(config, self.memory_profile, self.kv_groups,
+                                        config.blocks_needed(self.kv_groups))
         self.kv_cache = PagedKVCache(
             self.kv_groups, self.num_blocks, self.device,
             residual_slots=residual_capacity(config.max_num_batched_tokens, config.max_num_seqs,
                                              config.block_size),
-            residual_dtype=loaded.dtype)
+            commit=self.device.type == "cpu")
+        finish_profile(self.memory_profile, self.kv_cache)
         self.kv_cache_manager = KVCacheManager(self.kv_groups, self.num_blocks,
                                                config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -59,9 +66,11 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
         )
-        self.runner = ModelRunner(loaded, self.kv_cache)
-        self.sampler = Sampler.from_seed(config.seed, self.device)
+        self.runner = ModelRunner(loaded, self.kv_cache, config.mla_path)
+        self.sampler = Sampler(config.seed)
         self.memory = MemoryProbe(self.device)
+        self.telemetry: TelemetrySampler | None = None  # set by engine.run while it runs
+        self.bandwidth = bandwidth(self.device)  # bytes/s, for each decode step's roofline
         self.max_model_len = config.resolved_max_model_len
         self.eos_token_id = loaded.tokenizer.eos_token_id if loaded.tokenizer else None
         self.step_count = 0
@@ -92,6 +101,11 @@ class LLMEngine:
             return (f"the prompt has {seq.num_prompt_tokens} tokens but max_model_len is "
                     f"{self.max_model_len} (room is needed for one generated token); shorten "
                     "the prompt or raise max_model_len")
+        vocab = self.loaded.config.vocab_size
+        outside = next((t for t in seq.token_ids if not 0 <= t < vocab), None)
+        if outside is not None:  # the embedding lookup would fail in the middle of a step
+            return (f"token id {outside} is outside the model's vocabulary (0..{vocab - 1}); "
+                    "check the prompt_token_ids")
         return None
 
     def step(self, clock_start: float) -> StepOutput:
@@ -112,7 +126,11 @@ class LLMEngine:
         tokens: list[int] = []
         if sched.batch:
             logits = self.runner.execute(sched.batch)
-            tokens = self.sampler(logits, self.config.sampling)
+            # Each row draws from its request's own stream at its next output position, so a
+            # request's tokens do not depend on its batch, preemptions or the KV budget.
+            keys = [(seq.request_id, seq.num_output_tokens) for seq, n in sched.batch
+                    if seq.num_computed_tokens + n == seq.num_tokens]
+            tokens = self.sampler(logits, self.config.sampling, keys)
             for group_id, request_id, mass in self.runner.attention_mass:
                 self.kv_cache_manager.add_attention(group_id, request_id, mass)
         now = time.monotonic() - clock_start
@@ -164,6 +182,8 @@ class LLMEngine:
         kv = self.kv_cache_manager
         num_tokens = sum(n for _, n in sched.batch)
         memory = self.memory.read()
+        latest = self.telemetry.latest if self.telemetry is not None else None
+        kv_used = kv.num_used_blocks * self.kv_cache.page_size_bytes
         ended = time.monotonic()
         return StepRecord(
             step=self.step_count,
@@ -181,14 +201,18 @@ class LLMEngine:
             prefix_query_tokens=sched.prefix_query_tokens,
             prefix_hit_tokens=sched.prefix_hit_tokens,
             num_evicted=sum(1 for e in events if e.kind == "evict"),
-            kv_bytes_used=kv.num_used_blocks * self.kv_cache.page_size_bytes,
+            kv_bytes_used=kv_used,
             kv_bytes_capacity=self.kv_cache.capacity_bytes,
             torch_allocated_bytes=memory.torch_allocated_bytes,
             torch_reserved_bytes=memory.torch_reserved_bytes,
-            nvml_used_bytes=memory.nvml_used_bytes,
-            gpu_utilization_pct=memory.gpu_utilization_pct,
-            gpu_power_w=memory.gpu_power_w,
+            # the sampler's latest reading, joined here by time (the step never calls NVML)
+            nvml_used_bytes=latest.gpu_memory_used_bytes if latest else None,
+            gpu_utilization_pct=latest.gpu_util_pct if latest else None,
+            gpu_power_w=latest.power_w if latest else None,
             rss_bytes=memory.rss_bytes,
+            roofline_s=(decode_bound_s(self.memory_profile.weights_bytes, kv_used,
+                                       self.bandwidth)
+                        if decode and decode == num_tokens else None),
         )
 
     def request_record(self, seq: Sequence) -> RequestRecord:
@@ -202,4 +226,5 @@ class LLMEngine:
             finish_t=seq.finish_t,
             num_preemptions=seq.num_preemptions,
             finish_reason=seq.finish_reason or "aborted",
+            label=seq.label,
         )

@@ -32,7 +32,7 @@ class ModelRunner:
     The KV cache it writes is shared with the KV cache manager's view of which blocks are live;
     the per-layer `Attention` objects (backend chosen once) are built here, for this cache."""
 
-    def __init__(self, loaded: LoadedModel, kv_cache: PagedKVCache):
+    def __init__(self, loaded: LoadedModel, kv_cache: PagedKVCache, mla_path: str = "auto"):
         self.loaded = loaded
         self.model = loaded.model
         self.kv_cache = kv_cache
@@ -45,7 +45,7 @@ class ModelRunner:
         self.attention = [
             Attention(layer, kv_cache.layer_caches(layer), config.num_heads,
                       config.num_kv_heads,
-                      select_backend(kv_cache.spec, self.device, scale, workspace))
+                      select_backend(kv_cache.spec, self.device, scale, workspace, mla_path))
             for layer in range(config.num_layers)
         ]
         # groups whose retention policy scores blocks by attention (h2o, snapkv)

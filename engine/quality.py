@@ -7,7 +7,9 @@ teacher-forced one decode step at a time, so every scored position attends to ca
 scored position the candidate's next-token distribution is compared with the reference's:
 mean KL(ref || candidate), top-1 agreement, and the perplexity of both on the text's real next
 tokens. The harness checks itself: an fp32 full-cache candidate scores KL 0 and top-1 1.0
-exactly (it runs the very same operations as the reference).
+exactly (it runs the very same operations as the reference). The reference may be another
+model (`reference=`): a model converted from it (cli.py convert-mla) is then scored on what
+the conversion costs, its cache format included.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from engine.config import RunConfig
+from engine.device import dtype_name
 from engine.kv_cache.manager import KVCacheManager
 from engine.kv_cache.residual import residual_capacity
 from engine.kv_cache.storage import PagedKVCache
@@ -37,9 +40,10 @@ class QualityError(ValueError):
     """Input the harness cannot score (too short a text, no texts); the message says why."""
 
 
-def held_set(num_passages: int = 8) -> list[str]:
-    """The bundled passages (engine/data/heldout, public domain; see its README)."""
+def held_set(num_passages: int | None = 8) -> list[str]:
+    """The bundled passages (engine/data/heldout, public domain; see its README); None: all."""
     files = sorted(HELD_SET_DIR.glob("*.txt"))
+    num_passages = len(files) if num_passages is None else num_passages
     if num_passages > len(files):
         raise QualityError(f"the held set has {len(files)} passages, not {num_passages}; "
                            "ask for fewer or give --text-file")
@@ -74,15 +78,16 @@ class PassageCache:
 
     def __init__(self, config: RunConfig, loaded: LoadedModel, passages: list[list[int]],
                  prompt_len: int, context: int) -> None:
-        self.groups = config.kv_groups(config.resolved_kv_dtype(loaded.device.type))
+        self.groups = config.kv_groups(config.resolved_kv_dtype(loaded.device.type,
+                                                                dtype_name(loaded.dtype)))
         bs = config.block_size
         per_seq = -(-(context + 1) // bs)  # room for every token a sequence will hold
         num_blocks = len(self.groups) * len(passages) * per_seq
         self.kv = KVCacheManager(self.groups, num_blocks, enable_prefix_caching=False)
         self.storage = PagedKVCache(
-            self.groups, num_blocks, loaded.device, residual_dtype=loaded.dtype,
+            self.groups, num_blocks, loaded.device,
             residual_slots=residual_capacity(PREFILL_CHUNK * len(passages), len(passages), bs))
-        self.runner = ModelRunner(loaded, self.storage)
+        self.runner = ModelRunner(loaded, self.storage, config.mla_path)
         self.seqs = [Sequence(i, list(p[:prompt_len]), prompt_len, max_tokens=context)
                      for i, p in enumerate(passages)]
 
@@ -115,16 +120,19 @@ class PassageCache:
 
 def evaluate(config: RunConfig, loaded: LoadedModel, passages: list[list[int]], *,
              context: int = 2048, num_scored: int = 256, source: str = "held set",
-             on_progress: Callable[[float], None] | None = None) -> QualityResult:
+             on_progress: Callable[[float], None] | None = None,
+             reference: LoadedModel | None = None) -> QualityResult:
     """Score `config`'s cache (kv_dtype, kv_rotate, policy, block_size) against the fp32 full
-    cache on `passages` (each `context + 1` tokens)."""
+    cache of `reference` (default: the same model) on `passages` (each `context + 1`
+    tokens)."""
     return evaluate_many([config], loaded, passages, context=context, num_scored=num_scored,
-                         source=source, on_progress=on_progress)[0]
+                         source=source, on_progress=on_progress, reference=reference)[0]
 
 
 def evaluate_many(configs: list[RunConfig], loaded: LoadedModel, passages: list[list[int]], *,
                   context: int = 2048, num_scored: int = 256, source: str = "held set",
-                  on_progress: Callable[[float], None] | None = None) -> list[QualityResult]:
+                  on_progress: Callable[[float], None] | None = None,
+                  reference: LoadedModel | None = None) -> list[QualityResult]:
     """`evaluate` for several candidates in lockstep with one reference run."""
     if not 1 <= num_scored < context:
         raise QualityError(f"num_scored must be in 1..{context - 1} (the context), "
@@ -133,10 +141,12 @@ def evaluate_many(configs: list[RunConfig], loaded: LoadedModel, passages: list[
     if context + 1 > limit:
         raise QualityError(f"context {context} needs {context + 1} positions but "
                            f"{loaded.config.name} has {limit}; lower --context")
-    reference = configs[0].replace(kv_dtype="fp32", kv_rotate=False, policy="full")
+    ref_model = reference or loaded
+    ref_config = configs[0].replace(model=ref_model.config.name, kv_dtype="fp32",
+                                    kv_rotate=False, policy="full")
     start, prompt_len = time.monotonic(), context - num_scored
-    caches = [PassageCache(c, loaded, passages, prompt_len, context)
-              for c in (reference, *configs)]
+    caches = [PassageCache(ref_config, ref_model, passages, prompt_len, context)]
+    caches += [PassageCache(c, loaded, passages, prompt_len, context) for c in configs]
     total_steps = -(-prompt_len // PREFILL_CHUNK) + num_scored
     done = 0
     sums = torch.zeros(len(configs), 4, dtype=torch.float64)  # kl, top-1, nll ref, nll
@@ -174,7 +184,8 @@ def _result(config: RunConfig, cache: PassageCache, sums: torch.Tensor, loaded: 
     return QualityResult(
         kl_mean=kl, top1=hits, ppl_ref=math.exp(nll_ref), ppl=math.exp(nll),
         kv_bytes_per_token=cache.bytes_held / (len(passages) * context),
-        kv_dtype=config.resolved_kv_dtype(loaded.device.type), kv_rotate=config.kv_rotate,
+        kv_dtype=config.resolved_kv_dtype(loaded.device.type, dtype_name(loaded.dtype)),
+        kv_rotate=config.kv_rotate,
         policy=config.policy, model=config.model, block_size=config.block_size,
         context=context, num_passages=len(passages), num_tokens_scored=scored, source=source,
         elapsed_s=elapsed)

@@ -29,7 +29,12 @@ class RunSummary:
     kv_dtype: str
     stopped: bool = False  # ended early by should_stop()
     kv_page_size_bytes: int = 0  # what one pool block costs
+    # measured: the allocated storage tensors' bytes over the token slots they hold
+    kv_allocated_bytes_per_token: float = 0.0
     kv_groups: list[dict[str, Any]] = field(default_factory=list)  # KVCacheGroup.to_dict()
+    memory_profile: dict[str, Any] = field(default_factory=dict)  # engine.memory_profile
+    device_info: dict[str, Any] = field(default_factory=dict)  # telemetry.device_description
+    bandwidth_bytes_per_s: float | None = None  # measured read bandwidth (engine.roofline)
     gpu_note: str | None = None  # why the steps carry no NVML readings (telemetry.MemoryProbe)
 
     def to_dict(self) -> dict[str, Any]:

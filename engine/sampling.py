@@ -1,8 +1,19 @@
 """Next-token sampling: greedy, temperature, top-k and top-p, vectorised over a batch of rows.
 
-Randomness comes only from the `torch.Generator` the engine owns and passes in, so a run is
-reproducible: the same seed and the same sequence of logits give the same tokens. The generator
-must live on the logits' device (a CUDA generator for CUDA logits).
+Every request has its own random stream, as with vLLM's per-request `seed`: the token a request
+samples at output position k depends only on the run's seed, its request id, k and its own
+logits. So a request's tokens do not depend on what it was batched with, on preemption (a
+recomputed request continues at its next position; nothing has to survive in between) or on the
+KV budget. The stream is a pure function, not a `torch.Generator` per request: a generator's
+state would have to be kept across preemptions, and one generator call per row costs a dispatch
+per row every step.
+
+The draw is an exponential race (the Gumbel-max trick): token i wins when p_i / E_i is largest,
+E_i ~ Exp(1), which picks i with probability p_i / sum(p). Each E_i is a hash of (row seed,
+token id), so the draw is keyed by token ids, not by sorted positions: logits that differ in the
+last bits (a recompute takes the prefill path; a bigger batch another matmul blocking) change a
+token only when two candidates' scores tie to that precision. Inverse-CDF sampling over the
+sorted nucleus flipped tokens there: near-equal logits swap places in the sort.
 """
 
 from __future__ import annotations
@@ -13,34 +24,53 @@ import torch
 
 from engine.config import SamplingConfig
 
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+
 
 def sample(
     logits: torch.Tensor,
     configs: SamplingConfig | Sequence[SamplingConfig],
-    generator: torch.Generator,
+    seeds: Sequence[int],
 ) -> list[int]:
     """Pick one next token per row of `logits` (N, vocab).
 
-    `configs` is one SamplingConfig for every row or one per row. Greedy rows (temperature 0)
-    take the argmax and draw no random numbers, so the random stream depends only on the
-    sampled rows; an all-greedy batch is one argmax and one host transfer.
+    `configs` is one SamplingConfig for every row or one per row; `seeds` one 64-bit seed per
+    row (see `row_seed`). Greedy rows (temperature 0) take the argmax and use no seed; an
+    all-greedy batch is one argmax and one host transfer.
     """
     num_rows = logits.shape[0]
     if isinstance(configs, SamplingConfig):
         configs = [configs] * num_rows
-    if len(configs) != num_rows:
-        raise ValueError(f"{len(configs)} sampling configs for {num_rows} rows of logits")
+    if len(configs) != num_rows or len(seeds) != num_rows:
+        raise ValueError(f"{len(configs)} sampling configs and {len(seeds)} seeds for "
+                         f"{num_rows} rows of logits")
     sampled_rows = [i for i, c in enumerate(configs) if c.temperature > 0]
     if not sampled_rows:
         return logits.argmax(dim=-1).tolist()
     if len(sampled_rows) == num_rows:
-        return _sample_rows(logits, configs, generator).tolist()
+        return _sample_rows(logits, configs, seeds).tolist()
     tokens = logits.argmax(dim=-1)  # (N,)
     rows = torch.tensor(sampled_rows, device=logits.device)
     picked = _sample_rows(logits.index_select(0, rows), [configs[i] for i in sampled_rows],
-                          generator)
+                          [seeds[i] for i in sampled_rows])
     tokens[rows] = picked
     return tokens.tolist()
+
+
+def row_seed(seed: int, request_id: int, position: int) -> int:
+    """The seed of request `request_id`'s draw at output position `position` in a run seeded
+    `seed`: splitmix64 chained over the three, so nearby ids and positions share nothing."""
+    x = _splitmix64(seed & _M64)
+    x = _splitmix64(x ^ (request_id & _M64))
+    return _splitmix64(x ^ (position & _M64))
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
 
 
 # Top-p usually keeps a few dozen tokens; looking at this many first avoids sorting the whole
@@ -50,7 +80,7 @@ NUCLEUS_HEAD = 256
 
 
 def _sample_rows(
-    logits: torch.Tensor, configs: Sequence[SamplingConfig], generator: torch.Generator
+    logits: torch.Tensor, configs: Sequence[SamplingConfig], seeds: Sequence[int]
 ) -> torch.Tensor:
     """Sample every row (all temperatures > 0); returns token ids (n,)."""
     device = logits.device
@@ -59,9 +89,11 @@ def _sample_rows(
     scaled = logits.float() / temperature.unsqueeze(1)  # (n, V)
     top_k = [c.top_k if 0 < c.top_k < vocab else vocab for c in configs]
     top_p = [c.top_p for c in configs]
-    if max(top_k) == vocab and min(top_p) >= 1.0:
-        # No cut on any row: draw from the full distribution, no sorting.
-        return _draw(torch.softmax(scaled, dim=-1), generator)
+    if min(top_k) == vocab and min(top_p) >= 1.0:
+        # No cut on any row: race over the full distribution, no sorting. (min: one row
+        # with a cut needs the cut path; `max` here once let a top-k row draw from everything.)
+        ids = torch.arange(vocab, device=device).expand(len(configs), -1)  # (n, V)
+        return _race(torch.softmax(scaled, dim=-1), ids, seeds)
 
     values, indices = _sorted_head(scaled, top_k, top_p)  # (n, K), descending
     positions = torch.arange(values.shape[1], device=device)  # (K,)
@@ -79,8 +111,7 @@ def _sample_rows(
     # top_p == 1 drop nothing even when float rounding pushes the running mass past 1.
     mass_before = probs.cumsum(dim=-1) - probs
     probs = probs.masked_fill((mass_before >= p) & (p < 1.0), 0.0)
-    choice = _draw(probs, generator)  # (n,)
-    return indices.gather(1, choice.unsqueeze(1)).squeeze(1)
+    return _race(probs, indices, seeds)
 
 
 def _sorted_head(
@@ -104,38 +135,60 @@ def _sorted_head(
     return scaled.sort(dim=-1, descending=True, stable=True)
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One index per row, proportional to `probs` (n, K) (need not sum to 1).
+def _race(probs: torch.Tensor, ids: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """The winning token id of each row: argmax of p / E with E ~ Exp(1) keyed by (seed, id).
 
-    Inverse-CDF sampling: one uniform number per row, where multinomial costs several times
-    more on a CPU. Dropped entries are 0 and add nothing to the running sum, so they are never
-    picked; the clamp guards a uniform that rounds up to the total.
+    `probs` (n, K) need not sum to 1; dropped entries are 0 and never win (a row always keeps
+    its first entry). `ids` (n, K) are the entries' token ids.
     """
-    cdf = probs.cumsum(dim=-1)  # (n, K)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
-    last_kept = probs.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1, keepdim=True)
-    return torch.searchsorted(cdf, u, right=True).minimum(last_kept).squeeze(1)
+    key = torch.tensor([(_int32(s), _int32(s >> 32)) for s in seeds], dtype=torch.int32,
+                       device=ids.device)  # (n, 2): the seed's two 32-bit halves
+    bits = ids.to(torch.int32) + key[:, :1]  # (n, K)
+    _mix32_(bits)
+    bits ^= key[:, 1:]
+    _mix32_(bits)
+    # The top 24 bits as a float32 in (0, 1), which float32 holds exactly: never log(0) or 1.
+    bits = (bits >> 8) & 0xFFFFFF
+    noise = bits.to(torch.float32).add_(0.5).mul_(2.0**-24).log_().neg_()  # Exp(1), (n, K)
+    choice = (probs.float() / noise).argmax(dim=-1, keepdim=True)  # (n, 1)
+    return ids.gather(1, choice).squeeze(1)
+
+
+def _mix32_(x: torch.Tensor) -> None:
+    """murmur3's 32-bit finaliser, in place, on int32 lanes.
+
+    int32 products wrap modulo 2^32 on torch's backends (vectorised mullo on CPU, IMAD on
+    CUDA), which is the arithmetic the hash wants; a logical shift is an arithmetic shift and a
+    mask. int32 measured ~10x faster than int64 lanes on 8 rows of 49152 (a 64-bit multiply has
+    no AVX2 instruction). tests/test_sampling.py pins the values to a pure-Python reference.
+    """
+    x ^= (x >> 16) & 0xFFFF
+    x *= _int32(0x85EBCA6B)
+    x ^= (x >> 13) & 0x7FFFF
+    x *= _int32(0xC2B2AE35)
+    x ^= (x >> 16) & 0xFFFF
+
+
+def _int32(value: int) -> int:
+    """The low 32 bits of `value` as a signed int32 (what torch.int32 holds)."""
+    value &= _M32
+    return value - 2**32 if value >= 2**31 else value
 
 
 class Sampler:
-    """Binds the engine's generator so the step loop calls `sampler(logits, configs)`.
+    """The step loop's sampler: the run's seed, from which each request's stream follows.
 
-    The generator is the only state; the engine creates it from the run's seed and must not share
-    it with anything else that draws random numbers, or runs stop being reproducible.
+    `keys` name each row's (request id, output position); a row's seed is `row_seed` of them.
     """
 
-    __slots__ = ("generator",)
+    __slots__ = ("seed",)
 
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    @classmethod
-    def from_seed(cls, seed: int, device: torch.device | str = "cpu") -> Sampler:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-        return cls(generator)
+    def __init__(self, seed: int):
+        self.seed = seed
 
     def __call__(
-        self, logits: torch.Tensor, configs: SamplingConfig | Sequence[SamplingConfig]
+        self, logits: torch.Tensor, configs: SamplingConfig | Sequence[SamplingConfig],
+        keys: Sequence[tuple[int, int]],
     ) -> list[int]:
-        return sample(logits, configs, self.generator)
+        seeds = [row_seed(self.seed, request_id, position) for request_id, position in keys]
+        return sample(logits, configs, seeds)

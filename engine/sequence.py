@@ -35,6 +35,7 @@ class Sequence:
     first_token_t: float | None = None
     finish_t: float | None = None
     finish_reason: str | None = None
+    label: str | None = None  # the workload file's id for the request, shown beside request_id
 
     @property
     def num_tokens(self) -> int:

@@ -1,6 +1,7 @@
 """Trace types: the contract between the engine, the store and the dashboard pages.
 
-All times are seconds from run start (monotonic clock); ids are integers. Steps are numbered
+All times are seconds from run start (monotonic clock); ids are integers (a workload file's
+own request ids are kept as `RequestRecord.label`). Steps are numbered
 from 1; the keyframe with step 0 is the state before the first step. Block events carry the
 step they happened in and are emitted in order; replaying them in order on top of the nearest
 earlier keyframe rebuilds the block state at any step (see `apply_block_event`).
@@ -60,6 +61,26 @@ class StepRecord:
     gpu_utilization_pct: float | None = None
     gpu_power_w: float | None = None
     rss_bytes: int | None = None  # process resident set size
+    # The decode roofline: bytes this step had to read (weights + the KV blocks in use, at their
+    # real dtype) over the device's measured bandwidth, a lower bound on its time (decode-only
+    # steps; engine/roofline.py).
+    roofline_s: float | None = None
+
+
+@dataclass(slots=True)
+class TelemetrySample:
+    """One reading of the device by the telemetry sampler (engine/telemetry.py), `t` seconds
+    from run start like the steps, which join it by time. Empty fields were not available."""
+
+    t: float
+    rss_bytes: int | None = None
+    cpu_pct: float | None = None  # of one core (psutil): up to 100 x cores
+    gpu_memory_used_bytes: int | None = None  # NVML: the whole device, every process
+    gpu_util_pct: float | None = None  # NVML: share of time a kernel ran
+    memory_util_pct: float | None = None  # NVML: share of time memory was read or written
+    power_w: float | None = None
+    sm_clock_mhz: float | None = None
+    temperature_c: float | None = None
 
 
 @dataclass(slots=True)
@@ -102,6 +123,7 @@ class RequestRecord:
     finish_t: float | None
     num_preemptions: int
     finish_reason: str  # "stop" | "length" | "rejected: <why>" | "aborted"
+    label: str | None = None  # the workload file's own id for the request ("q0", a custom_id)
 
 
 @dataclass(slots=True)
@@ -210,6 +232,8 @@ class TraceSink(Protocol):
 
     def record_keyframe(self, keyframe: Keyframe) -> None: ...
 
+    def record_telemetry(self, sample: TelemetrySample) -> None: ...
+
 
 @dataclass
 class ListSink:
@@ -220,6 +244,7 @@ class ListSink:
     request_events: list[RequestEvent] = field(default_factory=list)
     requests: list[RequestRecord] = field(default_factory=list)
     keyframes: list[Keyframe] = field(default_factory=list)
+    telemetry: list[TelemetrySample] = field(default_factory=list)
 
     def record_step(self, step, block_events, request_events) -> None:
         self.steps.append(step)
@@ -231,3 +256,6 @@ class ListSink:
 
     def record_keyframe(self, keyframe: Keyframe) -> None:
         self.keyframes.append(keyframe)
+
+    def record_telemetry(self, sample: TelemetrySample) -> None:
+        self.telemetry.append(sample)

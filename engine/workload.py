@@ -1,9 +1,10 @@
-"""Workloads: the requests a run serves, from a JSON-lines file, a seeded generator or a preset.
+"""Workloads: the requests a run serves, from a file, a seeded generator or a preset.
 
-A workload is a list of `WorkloadRequest`s; the engine admits each at its `arrival` time and
-tokenizes it with `WorkloadRequest.token_ids`. File lines are validated one by one and every
-problem is a `WorkloadError` naming the file, the line, what is wrong and the expected form, so
-the CLI prints it as one line and the dashboard shows it under the upload widget.
+A workload is a list of `WorkloadRequest`s (engine/workload_request.py); the engine admits each
+at its `arrival` time and tokenizes it with `WorkloadRequest.token_ids`. Files come in three
+formats, detected from their content (engine/workload_formats.py); every problem is a
+`WorkloadError` naming the file, the line, what is wrong and the expected form, so the CLI
+prints it as one line and the dashboard shows it under the upload widget.
 
 Synthetic requests carry `prompt_token_ids` directly rather than text: lengths are then exact
 (a text prompt's token count depends on the tokenizer) and no tokenizer is needed to build them.
@@ -11,17 +12,38 @@ Synthetic requests carry `prompt_token_ids` directly rather than text: lengths a
 
 from __future__ import annotations
 
-import json
-import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from engine.config import WorkloadSpec
+from engine.workload_fields import ROLES
+from engine.workload_formats import (
+    FORMAT_NAMES,
+    WorkloadFile,
+    parse_workload_bytes,
+    parse_workload_lines,
+    parse_workload_text,
+    read_workload_file,
+)
+from engine.workload_request import (
+    DEFAULT_LIMITS,
+    Tokenizer,
+    WorkloadError,
+    WorkloadLimits,
+    WorkloadRequest,
+)
 
-ROLES = ("system", "user", "assistant")
+__all__ = [  # the file side lives in its own modules; callers import it all from here
+    "DEFAULT_LIMITS", "FORMAT_NAMES", "PRESETS", "ROLES", "Tokenizer", "WorkloadError",
+    "WorkloadFile", "WorkloadLimits", "WorkloadRequest", "build_workload", "by_arrival",
+    "load_workload_file",
+    "parse_workload_bytes", "parse_workload_lines", "parse_workload_text", "read_workload_file",
+    "synthetic_workload",
+]
+
 # Synthetic token ids are drawn from here: inside every bundled model's vocabulary (49152) and
 # clear of the low ids where byte-level vocabularies keep special and control tokens.
 SYNTHETIC_TOKEN_RANGE = (1000, 40000)
@@ -29,187 +51,11 @@ SYNTHETIC_TOKEN_RANGE = (1000, 40000)
 # earlier prompt to be prefilled on a CPU, so its blocks are cached when the next turn looks.
 TURN_GAP_S = 1.0
 
-_KNOWN_KEYS = ("id", "prompt", "messages", "prompt_token_ids", "max_tokens", "arrival")
-_FORMS = ('{"prompt": "..."} or {"messages": [{"role": "user", "content": "..."}]} '
-          '(or {"prompt_token_ids": [...]}), with optional "max_tokens", "arrival" and "id"')
 
-
-class WorkloadError(ValueError):
-    """A workload that cannot be served; the message says where, what and the expected form."""
-
-
-class Tokenizer(Protocol):
-    """What the engine's tokenizer must offer a workload (tests pass a small fake)."""
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = ...
-    ) -> list[int]: ...
-
-
-@dataclass(slots=True)
-class WorkloadRequest:
-    """One request: exactly one of `prompt`, `messages` or `prompt_token_ids` is set."""
-
-    request_id: int
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    prompt_token_ids: list[int] | None = None  # pre-tokenized: used as is, no tokenizer needed
-    max_tokens: int = 64  # generated tokens at most
-    arrival: float = 0.0  # seconds after run start
-
-    def __post_init__(self) -> None:
-        given = [self.prompt is not None, self.messages is not None,
-                 self.prompt_token_ids is not None]
-        if sum(given) != 1:
-            raise WorkloadError(f"request {self.request_id}: give exactly one of prompt, "
-                                "messages or prompt_token_ids")
-
-    def token_ids(self, tokenizer: Tokenizer) -> list[int]:
-        """The prompt as token ids: chats get the template and the assistant's turn opener."""
-        if self.prompt_token_ids is not None:
-            return list(self.prompt_token_ids)
-        if self.messages is not None:
-            return list(tokenizer.apply_chat_template(self.messages, add_generation_prompt=True))
-        assert self.prompt is not None
-        return list(tokenizer.encode(self.prompt))
-
-    def to_json_line(self) -> str:
-        """The file form `parse_workload_lines` reads back (a synthetic run can be saved)."""
-        data: dict[str, Any] = {"id": self.request_id}
-        for key in ("prompt", "messages", "prompt_token_ids"):
-            if getattr(self, key) is not None:
-                data[key] = getattr(self, key)
-        data.update(max_tokens=self.max_tokens, arrival=self.arrival)
-        return json.dumps(data, ensure_ascii=False)
-
-
-# File parsing ---------------------------------------------------------------------------------
-def load_workload_file(path: str | Path) -> list[WorkloadRequest]:
-    """Read a JSON-lines workload: one request object a line, blank lines skipped."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise WorkloadError(f"{path}: cannot read the workload file ({e.strerror})") from e
-    except UnicodeDecodeError as e:
-        raise WorkloadError(f"{path}: not UTF-8 text; a workload is JSON lines") from e
-    return parse_workload_lines(text.splitlines(), source=str(path))
-
-
-def parse_workload_lines(lines: Iterable[str], source: str) -> list[WorkloadRequest]:
-    """Parse workload lines (e.g. an uploaded file's text); `source` names them in errors."""
-    requests: list[WorkloadRequest] = []
-    id_lines: dict[int, int] = {}  # request id -> line number that used it
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{source} line {line_no}"
-        request = _parse_line(line, where, default_id=len(requests))
-        if request.request_id in id_lines:
-            raise WorkloadError(f"{where}: id {request.request_id} is already used by line "
-                                f"{id_lines[request.request_id]}; ids must be unique")
-        id_lines[request.request_id] = line_no
-        requests.append(request)
-    if not requests:
-        raise WorkloadError(f"{source}: no requests (the file is empty or only blank lines); "
-                            f"write one JSON object a line: {_FORMS}")
-    return requests
-
-
-def _parse_line(line: str, where: str, default_id: int) -> WorkloadRequest:
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise WorkloadError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); "
-                            f"each line must be one JSON object: {_FORMS}") from None
-    if not isinstance(data, dict):
-        raise WorkloadError(f"{where}: expected a JSON object, got {_json_type(data)}; "
-                            f"write {_FORMS}")
-    unknown = sorted(set(data) - set(_KNOWN_KEYS))
-    if unknown:
-        raise WorkloadError(f"{where}: unknown key {unknown[0]!r}; known keys are "
-                            f"{', '.join(_KNOWN_KEYS)}")
-    forms = [k for k in ("prompt", "messages", "prompt_token_ids") if k in data]
-    if len(forms) != 1:
-        problem = "has none" if not forms else f"has {' and '.join(forms)}"
-        raise WorkloadError(f"{where}: a request needs exactly one of prompt or messages but "
-                            f"{problem}; write {_FORMS}")
-    return WorkloadRequest(
-        request_id=_int_field(data, "id", where, default=default_id, minimum=None),
-        prompt=_prompt(data, where),
-        messages=_messages(data, where),
-        prompt_token_ids=_token_ids(data, where),
-        max_tokens=_int_field(data, "max_tokens", where, default=64, minimum=1),
-        arrival=_arrival(data, where),
-    )
-
-
-def _json_type(value: Any) -> str:
-    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null", dict: "an object"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _int_field(data: dict, key: str, where: str, default: int, minimum: int | None) -> int:
-    value = data.get(key, default)
-    # bool is an int subclass in Python, but `true` is never a sensible id or length.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise WorkloadError(f'{where}: "{key}" is {_json_type(value)}; it must be an integer')
-    if minimum is not None and value < minimum:
-        raise WorkloadError(f'{where}: "{key}" is {value}; it must be an integer >= {minimum}')
-    return value
-
-
-def _arrival(data: dict, where: str) -> float:
-    value = data.get("arrival", 0.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise WorkloadError(f'{where}: "arrival" is {_json_type(value)}; it must be a number of '
-                            "seconds after the run starts, >= 0")
-    if not math.isfinite(value) or value < 0:
-        raise WorkloadError(f'{where}: "arrival" is {value}; it must be a number of seconds '
-                            "after the run starts, >= 0")
-    return float(value)
-
-
-def _prompt(data: dict, where: str) -> str | None:
-    if "prompt" not in data:
-        return None
-    prompt = data["prompt"]
-    if not isinstance(prompt, str) or not prompt:
-        raise WorkloadError(f'{where}: "prompt" must be a non-empty string, e.g. '
-                            '{"prompt": "Tell me a story"}')
-    return prompt
-
-
-def _messages(data: dict, where: str) -> list[dict[str, str]] | None:
-    if "messages" not in data:
-        return None
-    messages = data["messages"]
-    expected = '[{"role": "user", "content": "..."}]'
-    if not isinstance(messages, list) or not messages:
-        raise WorkloadError(f'{where}: "messages" must be a non-empty array like {expected}')
-    for i, item in enumerate(messages, start=1):
-        if not isinstance(item, dict) or not isinstance(item.get("content"), str):
-            raise WorkloadError(f'{where}: "messages" item {i} must be an object with a "role" '
-                                f'and a string "content", like {expected}')
-        if item.get("role") not in ROLES:
-            role = json.dumps(item.get("role"))
-            raise WorkloadError(f'{where}: "messages" item {i} has role {role}; roles are '
-                                f"{', '.join(ROLES)}")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def _token_ids(data: dict, where: str) -> list[int] | None:
-    if "prompt_token_ids" not in data:
-        return None
-    ids = data["prompt_token_ids"]
-    if (not isinstance(ids, list) or not ids
-            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
-        raise WorkloadError(f'{where}: "prompt_token_ids" must be a non-empty array of '
-                            "integers >= 0")
-    return ids
+def load_workload_file(path: str | Path, *, tokenizer: Tokenizer | None = None,
+                       limits: WorkloadLimits = DEFAULT_LIMITS) -> list[WorkloadRequest]:
+    """The requests of a workload file in any of the formats of engine.workload_formats."""
+    return read_workload_file(path, tokenizer=tokenizer, limits=limits).requests
 
 
 # Synthetic workloads --------------------------------------------------------------------------
@@ -338,11 +184,13 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def build_workload(spec: WorkloadSpec, seed: int) -> list[WorkloadRequest]:
-    """Resolve a spec to requests, ordered by arrival (ties keep their order)."""
+def build_workload(spec: WorkloadSpec, seed: int, *, tokenizer: Tokenizer | None = None,
+                   limits: WorkloadLimits = DEFAULT_LIMITS) -> list[WorkloadRequest]:
+    """Resolve a spec to requests, ordered by arrival (ties keep their order). `tokenizer`
+    counts a ShareGPT file's answers (default: SmolLM2's, which every bundled model uses)."""
     if spec.kind == "file":
         assert spec.path is not None  # WorkloadSpec validation guarantees it
-        requests = load_workload_file(spec.path)
+        requests = load_workload_file(spec.path, tokenizer=tokenizer, limits=limits)
     elif spec.kind == "synthetic":
         requests = synthetic_workload(spec, seed)
     elif spec.name in PRESETS:
@@ -350,4 +198,8 @@ def build_workload(spec: WorkloadSpec, seed: int) -> list[WorkloadRequest]:
     else:
         raise WorkloadError(f"unknown workload preset {spec.name!r}; presets are "
                             f"{', '.join(PRESETS)}")
-    return sorted(requests, key=lambda r: r.arrival)
+    return by_arrival(requests)
+
+
+def by_arrival(requests: list[WorkloadRequest]) -> list[WorkloadRequest]:
+    return sorted(requests, key=lambda r: r.arrival)  # stable: ties keep file order

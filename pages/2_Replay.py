@@ -128,12 +128,12 @@ def step_view() -> None:
             st.markdown(widgets.step_figures(row.iloc[0]))
         replay_view.free_queue(state, row)
         st.markdown(f"**Events of step {step}**")
-        req_events = events.loc[events["step"] == step, ["request_id", "kind"]]
+        req_events = events.loc[events["step"] == step, ["request_id", "label", "kind"]]
         if step_events.empty and req_events.empty:
             st.caption("No block or request events in this step.")
         if not req_events.empty:
             st.dataframe(req_events, hide_index=True,
-                         column_config={"kind": "request event"})
+                         column_config={"kind": "request event", "label": "file id"})
         if not step_events.empty:
             st.dataframe(step_events.drop(columns=["step"]), hide_index=True)
     replay_view.inspector(info, state, holders, step_events)

@@ -37,7 +37,7 @@ BUSY_TIMEOUT_MS = 30_000
 
 # The schema version this code writes. To change the schema: bump it and add a step to
 # MIGRATIONS that takes a database from version N-1 to N (plain DDL on the connection).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 
 
 def _migrate_add_block_groups(conn: Connection) -> None:
@@ -88,9 +88,23 @@ def _migrate_add_import_hash(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX ix_runs_import_sha256 ON runs (import_sha256)"))
 
 
+def _migrate_add_telemetry(conn: Connection) -> None:
+    """7: the device sampler's readings (a `telemetry` table) and each decode step's roofline
+    bound (`steps.roofline_s`)."""
+    Base.metadata.tables["telemetry"].create(conn, checkfirst=True)
+    conn.execute(text("ALTER TABLE steps ADD COLUMN roofline_s FLOAT"))
+
+
+def _migrate_add_request_labels(conn: Connection) -> None:
+    """8: request labels. A workload file's own request ids ("q0", a batch file's custom_id)
+    are kept beside the engine's integer ids; requests recorded before have none (NULL)."""
+    conn.execute(text("ALTER TABLE requests ADD COLUMN label TEXT"))
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     2: _migrate_add_block_groups, 3: _migrate_add_quality_results, 4: _migrate_add_sweeps,
-    5: _migrate_add_drop_reasons, 6: _migrate_add_import_hash}
+    5: _migrate_add_drop_reasons, 6: _migrate_add_import_hash, 7: _migrate_add_telemetry,
+    8: _migrate_add_request_labels}
 
 
 def utcnow() -> datetime:

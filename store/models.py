@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from engine.quality_result import QualityResult
-from engine.trace import BlockEvent, RequestEvent, RequestRecord, StepRecord
+from engine.trace import BlockEvent, RequestEvent, RequestRecord, StepRecord, TelemetrySample
 from store.trace_columns import sql_columns
 
 RUN_STATUSES = ("running", "finished", "failed", "interrupted")
@@ -153,6 +153,13 @@ class RequestRow(Base):
                              indexes=(Index("ix_requests_run_request", "run_id", "request_id"),))
 
 
+class TelemetryRow(Base):
+    """One TelemetrySample (same field names); `ordinal` keeps the sampling order."""
+
+    __table__ = _trace_table("telemetry", TelemetrySample, ("ordinal",),
+                             Column("ordinal", Integer, primary_key=True))
+
+
 class KeyframeRow(Base):
     """A full block state after `step`, as zlib-compressed JSON (see store.keyframes)."""
 
@@ -165,7 +172,7 @@ class KeyframeRow(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
-CHILD_TABLES = (Step, BlockEventRow, RequestEventRow, RequestRow, KeyframeRow)
+CHILD_TABLES = (Step, BlockEventRow, RequestEventRow, RequestRow, KeyframeRow, TelemetryRow)
 
 
 class QualityRow(Base):

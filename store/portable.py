@@ -35,9 +35,16 @@ from store.models import (
     RequestRow,
     Run,
     Step,
+    TelemetryRow,
 )
 from store.reader import RunReader
-from store.trace_file import SCHEMAS, TraceFile, read_trace_file, write_trace_file
+from store.trace_file import (
+    MAX_UNCOMPRESSED_BYTES,
+    SCHEMAS,
+    TraceFile,
+    read_trace_file,
+    write_trace_file,
+)
 
 _INSERT_CHUNK = 20_000
 NAME_MAX_CHARS = 200  # the runs.name column's width
@@ -51,7 +58,7 @@ def export_run(store: Store, run_id: int, path: str | Path) -> Path:
         keyframes = reader.keyframes(run_id)
         frames = {"steps": reader.steps(run_id), "block_events": reader.block_events(run_id),
                   "request_events": reader.request_events(run_id),
-                  "requests": reader.requests(run_id)}
+                  "requests": reader.requests(run_id), "telemetry": reader.telemetry(run_id)}
     tables = {name: pa.Table.from_pandas(df, schema=SCHEMAS[name], preserve_index=False)
               for name, df in frames.items()}
     tables["keyframes"] = pa.Table.from_pylist([dataclasses.asdict(k) for k in keyframes],
@@ -68,14 +75,16 @@ def export_run(store: Store, run_id: int, path: str | Path) -> Path:
     return path
 
 
-def import_run(store: Store, path: str | Path, *, allow_copy: bool = False) -> int:
+def import_run(store: Store, path: str | Path, *, allow_copy: bool = False,
+               max_bytes: int = MAX_UNCOMPRESSED_BYTES) -> int:
     """Validate and insert the run in `path`; returns its new run id.
 
     A file whose bytes were imported before is refused with DuplicateImportError (nothing
     written) unless `allow_copy`; a copy records the same hash, so later imports still find
-    the first run.
+    the first run. `max_bytes` caps what the archive may unpack to (a zip bomb is refused
+    before anything is inflated).
     """
-    trace = read_trace_file(path)
+    trace = read_trace_file(path, max_bytes=max_bytes)
     digest = file_sha256(path)
     values = {**_run_values(trace.run), "import_sha256": digest}
     try:
@@ -196,6 +205,8 @@ def _child_rows(run_id: int, tables: dict[str, pa.Table]) -> list[tuple[type, li
                                      for r in tables["request_events"].to_pylist()])
     requests = [{"run_id": run_id, "ordinal": i, **r}
                 for i, r in enumerate(tables["requests"].to_pylist())]
+    telemetry = [{"run_id": run_id, "ordinal": i, **r}
+                 for i, r in enumerate(tables["telemetry"].to_pylist())]
     keyframes = []
     for r in tables["keyframes"].to_pylist():
         keyframe = Keyframe(r["step"], r["ref_counts"], r["block_hashes"], r["owners"],
@@ -203,5 +214,6 @@ def _child_rows(run_id: int, tables: dict[str, pa.Table]) -> list[tuple[type, li
         keyframes.append({"run_id": run_id, "step": keyframe.step,
                           "num_blocks": len(keyframe.ref_counts),
                           "data": encode_keyframe(keyframe)})
-    return [(Step, steps), (BlockEventRow, blocks), (RequestEventRow, request_events),
+    return [(TelemetryRow, telemetry), (Step, steps), (BlockEventRow, blocks),
+            (RequestEventRow, request_events),
             (RequestRow, requests), (KeyframeRow, keyframes)]

@@ -23,12 +23,22 @@ from engine.trace import (
     RequestEvent,
     RequestRecord,
     StepRecord,
+    TelemetrySample,
     apply_block_event,
 )
 from store.db import Store
 from store.errors import StoreError
 from store.keyframes import decode_keyframe
-from store.models import RUNS, BlockEventRow, KeyframeRow, RequestEventRow, RequestRow, Run, Step
+from store.models import (
+    RUNS,
+    BlockEventRow,
+    KeyframeRow,
+    RequestEventRow,
+    RequestRow,
+    Run,
+    Step,
+    TelemetryRow,
+)
 from store.trace_columns import TraceColumn, decode_codes, pandas_dtypes, trace_columns
 
 STEP_COLUMNS = trace_columns(StepRecord)
@@ -39,6 +49,8 @@ STEP_DTYPES = pandas_dtypes(StepRecord)
 BLOCK_EVENT_DTYPES = pandas_dtypes(BlockEvent)
 REQUEST_EVENT_DTYPES = pandas_dtypes(RequestEvent)
 REQUEST_DTYPES = pandas_dtypes(RequestRecord)
+TELEMETRY_COLUMNS = trace_columns(TelemetrySample)
+TELEMETRY_DTYPES = pandas_dtypes(TelemetrySample)
 RUN_COLUMNS = ("run_id", "name", "status", "model", "device", "created_at", "finished_at",
                "num_steps", "tags", "error", "imported")
 
@@ -160,6 +172,12 @@ class RunReader:
         query = (_select(e, REQUEST_EVENT_COLUMNS).where(e.run_id == run_id)
                  .order_by(e.step, e.ordinal))
         return self._frame(run_id, query, REQUEST_EVENT_COLUMNS, REQUEST_EVENT_DTYPES)
+
+    def telemetry(self, run_id: int) -> pd.DataFrame:
+        """The device sampler's readings, in time order (empty for runs without them)."""
+        query = (_select(TelemetryRow, TELEMETRY_COLUMNS).where(TelemetryRow.run_id == run_id)
+                 .order_by(TelemetryRow.ordinal))
+        return self._frame(run_id, query, TELEMETRY_COLUMNS, TELEMETRY_DTYPES)
 
     def requests(self, run_id: int) -> pd.DataFrame:
         query = (_select(RequestRow, REQUEST_COLUMNS).where(RequestRow.run_id == run_id)

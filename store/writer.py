@@ -35,6 +35,7 @@ from engine.trace import (
     RequestEvent,
     RequestRecord,
     StepRecord,
+    TelemetrySample,
 )
 from store.db import Store, utcnow
 from store.errors import StoreError
@@ -48,6 +49,7 @@ from store.models import (
     RequestRow,
     Run,
     Step,
+    TelemetryRow,
 )
 from store.trace_columns import to_sql_row, trace_columns
 
@@ -55,6 +57,7 @@ STEP_COLUMNS = trace_columns(StepRecord)
 BLOCK_EVENT_COLUMNS = trace_columns(BlockEvent)
 REQUEST_EVENT_COLUMNS = trace_columns(RequestEvent)
 REQUEST_COLUMNS = trace_columns(RequestRecord)
+TELEMETRY_COLUMNS = trace_columns(TelemetrySample)
 
 
 class _Ordinals:
@@ -79,9 +82,10 @@ class _Batch:
         default_factory=list)
     requests: list[RequestRecord] = field(default_factory=list)
     keyframes: list[Keyframe] = field(default_factory=list)
+    telemetry: list[TelemetrySample] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.steps or self.requests or self.keyframes)
+        return bool(self.steps or self.requests or self.keyframes or self.telemetry)
 
 
 class RunWriter:
@@ -120,6 +124,7 @@ class RunWriter:
         self._closed = False
         self._num_steps = 0
         self._num_requests = 0
+        self._num_samples = 0
         self._block_ordinals = _Ordinals()  # used by the background thread only
         self._request_ordinals = _Ordinals()
         self.run_id: int | None = None  # set when the run row is inserted (see module docstring)
@@ -170,6 +175,13 @@ class RunWriter:
         with self._cond:
             self._check_open()
             self._pending.requests.append(request)
+
+    def record_telemetry(self, sample: TelemetrySample) -> None:
+        if self.run_id is None:
+            return  # samples before the run exists (model load) are not the run's
+        with self._cond:
+            self._check_open()
+            self._pending.telemetry.append(sample)
 
     def record_keyframe(self, keyframe: Keyframe) -> None:
         if self.run_id is None:
@@ -294,10 +306,15 @@ class RunWriter:
                                  **to_sql_row(request, REQUEST_COLUMNS)})
             self._num_requests += 1
         keyframe_rows = [_keyframe_row(self.run_id, k) for k in batch.keyframes]
+        telemetry_rows = []
+        for sample in batch.telemetry:
+            telemetry_rows.append({"run_id": self.run_id, "ordinal": self._num_samples,
+                                   **to_sql_row(sample, TELEMETRY_COLUMNS)})
+            self._num_samples += 1
         with self._store.write() as conn:
             for model, rows in ((Step, step_rows), (BlockEventRow, block_rows),
                                 (RequestEventRow, request_event_rows), (RequestRow, request_rows),
-                                (KeyframeRow, keyframe_rows)):
+                                (KeyframeRow, keyframe_rows), (TelemetryRow, telemetry_rows)):
                 if rows:
                     conn.execute(insert(model), rows)
             conn.execute(update(Run).where(Run.id == self.run_id).values(

@@ -8,6 +8,7 @@ copy in a few seconds (it is still transformers' conversion, not ours).
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 from pathlib import Path
@@ -117,3 +118,30 @@ def store(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'kvlab.db'}"
     monkeypatch.setenv("KVLAB_DB_URL", url)
     return open_store(url)
+
+
+# Fuzz case counts (tests/test_fuzz_inputs.py): printed at the end of every pytest run and
+# written to artifacts/fuzz-counts.json, the figure README's "Reliability" section states.
+FUZZ_COUNTS: collections.Counter[str] = collections.Counter()
+
+
+@pytest.fixture(scope="session")
+def fuzz_counts() -> collections.Counter[str]:
+    return FUZZ_COUNTS
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not FUZZ_COUNTS:
+        return
+    terminalreporter.section("fuzz cases tried")
+    for name in ("workload parser", "trace importer"):
+        total = FUZZ_COUNTS[name]
+        if total:
+            terminalreporter.write_line(
+                f"{name}: {total} cases ({FUZZ_COUNTS[name + ' accepted']} accepted, "
+                f"{FUZZ_COUNTS[name + ' refused']} refused with a one-line error)")
+    for key in sorted(k for k in FUZZ_COUNTS if ": " in k):
+        terminalreporter.write_line(f"  {key}: {FUZZ_COUNTS[key]}")
+    out = ROOT / "artifacts" / "fuzz-counts.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(dict(sorted(FUZZ_COUNTS.items())), indent=1) + "\n")

@@ -37,8 +37,10 @@ def test_byte_budget_is_turned_into_blocks():
 
 
 def test_blocks_and_budget_are_exclusive():
-    with pytest.raises(ConfigError, match="not both"):
+    with pytest.raises(ConfigError, match="give one of .* not num_blocks and kv_budget_bytes"):
         RunConfig(model="tiny", num_blocks=64, kv_budget_bytes=1 << 20)
+    with pytest.raises(ConfigError, match="kv_memory_fraction"):
+        RunConfig(model="tiny", kv_memory_fraction=1.5)
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,40 @@ def test_seeded_sampling_is_reproducible(tiny_model):
     assert a.output_token_ids != c.output_token_ids
 
 
+def test_sampled_tokens_do_not_depend_on_batching_preemption_or_budget(tiny_model):
+    """Each request samples from its own stream (run seed, request id, position): one at a time,
+    all at once, or preempted and recomputed under a tight budget, its tokens are the same."""
+    # Small on purpose: top_p 0.95 over a random model's flat logits sorts the whole vocabulary.
+    requests = [WorkloadRequest(i, prompt_token_ids=[7] * 24 + [i] * (3 + 2 * i),
+                                max_tokens=10 + i) for i in range(6)]
+    sampling = SamplingConfig(temperature=0.8, top_p=0.95, ignore_eos=True)
+    knobs = dict(block_size=8, max_model_len=64, seed=3, sampling=sampling)
+    alone, _ = run_requests(tiny_model, requests, max_num_seqs=1, num_blocks=64, **knobs)
+    batched, sink = run_requests(tiny_model, requests, max_num_seqs=8, num_blocks=64, **knobs)
+    tight, _ = run_requests(tiny_model, requests, max_num_seqs=8, num_blocks=12, **knobs)
+    assert max(s.num_running for s in sink.steps) == 6 and batched.summary.num_preemptions == 0
+    assert tight.summary.num_preemptions > 0
+    assert alone.output_token_ids == batched.output_token_ids == tight.output_token_ids
+
+
+def test_labels_reach_the_request_records(tiny_model):
+    requests = [WorkloadRequest(0, prompt_token_ids=[5, 6], max_tokens=2, label="q0"),
+                WorkloadRequest(1, prompt_token_ids=[5, 7], max_tokens=2),
+                WorkloadRequest(2, prompt_token_ids=list(range(100)), max_tokens=2, label="long")]
+    _, sink = run_requests(tiny_model, requests, num_blocks=16, max_model_len=64)
+    labels = {r.request_id: r.label for r in sink.requests}
+    assert labels == {0: "q0", 1: None, 2: "long"}  # a rejected request keeps its label too
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected(tiny_model):
+    requests = [WorkloadRequest(0, prompt_token_ids=[5, 49152], max_tokens=2),
+                WorkloadRequest(1, prompt_token_ids=[5, 6], max_tokens=2)]
+    result, sink = run_requests(tiny_model, requests, num_blocks=16, max_model_len=64)
+    reasons = {r.request_id: r.finish_reason for r in sink.requests}
+    assert "token id 49152 is outside the model's vocabulary (0..49151)" in reasons[0]
+    assert reasons[1] == "length" and result.summary.num_rejected == 1
+
+
 def test_should_stop_ends_the_run_and_records_unfinished_requests(tiny_model):
     requests = [WorkloadRequest(i, prompt_token_ids=[1, 2, 3], max_tokens=50) for i in range(3)]
     steps = []

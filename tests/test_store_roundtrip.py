@@ -4,6 +4,8 @@ through a trace file into a fresh database; block_state_at equals the true state
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import zipfile
 from pathlib import Path
 
@@ -164,11 +166,31 @@ def test_block_event_list_is_the_frame_as_records(trace_store) -> None:
 
 
 def _rewrite(src: Path, dst: Path, replace: dict[str, bytes | None]) -> Path:
+    """`src` with members replaced (None: removed). The manifest's checksums are updated to the
+    replaced tables, so each case meets the check it is about, not the checksum's."""
+    with zipfile.ZipFile(src) as zin:
+        members = {i.filename: replace.get(i.filename, zin.read(i.filename))
+                   for i in zin.infolist()}
+    manifest = json.loads(members["manifest.json"])
+    for name, entry in manifest["tables"].items():
+        if members.get(f"{name}.parquet") is not None and "sha256" in entry:
+            entry["sha256"] = hashlib.sha256(members[f"{name}.parquet"]).hexdigest()
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(dst, "w") as zout:
+        for name, data in members.items():
+            if data is not None:
+                zout.writestr(name, data)
+    return dst
+
+
+def _edit_table(src: Path, dst: Path, table: str) -> Path:
+    """`src` with one table's file edited after export: its checksum no longer matches."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for item in zin.infolist():
-            data = replace.get(item.filename, zin.read(item.filename))
-            if data is not None:
-                zout.writestr(item.filename, data)
+            data = zin.read(item.filename)
+            if item.filename == f"{table}.parquet":
+                data = data[:-12] + bytes(b ^ 1 for b in data[-12:-8]) + data[-8:]
+            zout.writestr(item.filename, data)
     return dst
 
 
@@ -200,7 +222,7 @@ def test_import_refuses_bad_files(trace_store, tmp_path: Path) -> None:
         "not a zip": garbage,
         "damaged|not a zip|truncated": truncated,
         "newer than this kvlab": _rewrite(good, tmp_path / "v99.zip", {"manifest.json": manifest
-                                          .replace('"format_version": 3', '"format_version": 99')
+                                          .replace('"format_version": 4', '"format_version": 99')
                                           .encode()}),
         "lacks required columns": _rewrite(good, tmp_path / "cols.zip",
                                            {"steps.parquet": other_columns}),
@@ -211,6 +233,7 @@ def test_import_refuses_bad_files(trace_store, tmp_path: Path) -> None:
             "manifest.json": manifest.replace('"rows": 30', '"rows": 29').encode()}),
         "config is invalid": _rewrite(good, tmp_path / "config.zip", {"manifest.json": manifest
                                       .replace('"model": "tiny"', '"model": "nope"').encode()}),
+        "does not match its sha256": _edit_table(good, tmp_path / "sum.zip", "requests"),
     }
     before = RunReader(trace_store).list_runs()
     for message, path in cases.items():

@@ -36,7 +36,7 @@ def test_cpu_device_says_no_nvidia_gpu_and_reads_rss():
     assert probe.gpu_note == ("no NVIDIA GPU (the run's device is cpu); memory is the "
                               "process RSS")
     reading = probe.read()
-    assert reading.rss_bytes and reading.nvml_used_bytes is None
+    assert reading.rss_bytes and reading.torch_allocated_bytes is None
 
 
 def test_nvml_failure_on_a_cuda_device_is_named(monkeypatch):

@@ -278,3 +278,12 @@ def test_bad_form_values_name_their_field(change, field):
     with pytest.raises(ConfigError) as e:
         config_from_values({**FORM, **change})
     assert e.value.field == field
+
+
+def test_request_events_get_the_labels_of_their_requests():
+    events = pd.DataFrame({"step": [1, 1, 2, 3], "request_id": [0, 1, 0, 2],
+                           "kind": ["arrive", "arrive", "finish", "schedule"]})
+    requests = pd.DataFrame({"request_id": [0, 1], "label": ["q0", None]})
+    labelled = analysis.with_request_labels(events, requests)
+    assert labelled["label"].tolist() == ["q0", "", "q0", ""]  # 2 is still running: no record
+    assert analysis.with_request_labels(events, requests.iloc[:0])["label"].tolist() == [""] * 4

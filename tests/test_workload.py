@@ -54,7 +54,10 @@ def test_file_happy_path_both_forms_and_defaults(tmp_path: Path) -> None:
     assert (chat.request_id, chat.max_tokens, chat.arrival) == (1, 5, 1.5)
     assert chat.messages == [{"role": "system", "content": "Be brief."},
                              {"role": "user", "content": "Why?"}]
-    assert (ids.request_id, ids.prompt_token_ids, ids.arrival) == (42, [7, 8, 9], 2.0)
+    # The engine numbers requests in file order; the file's own id is kept as the label.
+    assert (ids.request_id, ids.label, ids.prompt_token_ids, ids.arrival) == (2, "42", [7, 8, 9],
+                                                                              2.0)
+    assert first.label is None
 
     tok = FakeTokenizer()
     assert first.token_ids(tok) == [ord("H"), ord("i")]
@@ -88,7 +91,11 @@ def test_to_json_line_round_trips() -> None:
     ('{"messages": [{"role": "user", "content": "b"}, {"role": "user"}]}',
      '"messages" item 2 must be an object with a "role" and a string "content"'),
     ('{"prompt_token_ids": [1, -2]}', '"prompt_token_ids" must be a non-empty array'),
-    ('{"id": 0, "prompt": "again"}', "id 0 is already used by line 1; ids must be unique"),
+    ('{"id": 1.5, "prompt": "a"}', '"id" is a number; it must be a non-empty string or an '
+                                   "integer"),
+    ('{"id": "", "prompt": "a"}', '"id" is empty'),
+    ('{"prompt": "a", "arrival": 1e400}', '"arrival" is inf'),
+    ('{"prompt": "a", "arrival": 9e9}', "0 to 604800"),
 ])
 def test_bad_line_names_file_line_and_problem(tmp_path: Path, bad_line: str,
                                               expected: str) -> None:

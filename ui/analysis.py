@@ -111,6 +111,17 @@ def block_mix(steps: pd.DataFrame) -> pd.DataFrame:
     return wide.melt("step", var_name="state", value_name="blocks")
 
 
+def with_request_labels(events: pd.DataFrame, requests: pd.DataFrame) -> pd.DataFrame:
+    """`events` with a `label` column: each request's own id from its workload file ("" when
+    it has none, or while it is still running and has no record yet)."""
+    labels = (requests.set_index("request_id")["label"] if "label" in requests
+              else pd.Series(dtype=object))
+    out = events.copy()
+    out["label"] = out["request_id"].map(labels).astype(object).where(
+        lambda s: s.notna(), "")
+    return out
+
+
 def latencies(requests: pd.DataFrame) -> pd.DataFrame:
     """Per-request TTFT and TPOT in seconds (NaN where a request never produced the token)."""
     if requests.empty:

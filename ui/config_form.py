@@ -18,7 +18,7 @@ import streamlit as st
 
 from engine.config import DEVICES, DTYPES, KV_DTYPES, ConfigError, RunConfig, parse_bytes
 from engine.models.config import MODEL_CONFIGS
-from engine.workload import PRESETS, WorkloadError, parse_workload_lines
+from engine.workload import PRESETS, WorkloadError, parse_workload_bytes
 from ui import format as fmt
 
 UPLOAD_DIR = Path(__file__).resolve().parent.parent / "data" / "uploads"
@@ -197,21 +197,21 @@ def _render_workload(slots: Slots, v: dict[str, Any]) -> None:
             with cols[i % 3]:
                 v[name] = _number(slots, label, name, default, low, step)
     else:
-        upload = st.file_uploader("workload file (JSON lines)", type=["jsonl", "json", "txt"],
-                                  key="cfg_upload")
+        upload = st.file_uploader("workload file (JSON lines, OpenAI batch or ShareGPT)",
+                                  type=["jsonl", "json", "txt"], key="cfg_upload")
         slots.add("path")
         v["path"], v["upload_error"] = save_upload(upload) if upload else (None, None)
 
 
 def save_upload(upload: Any) -> tuple[str | None, str | None]:
-    """Validate an uploaded workload and keep it under data/uploads/ (named by content)."""
+    """Validate an uploaded workload (any format, the CLI's default limits) and keep it under
+    data/uploads/ (named by content)."""
     data = upload.getvalue()
     try:
-        parse_workload_lines(data.decode("utf-8").splitlines(), source=upload.name)
-    except UnicodeDecodeError:
-        return None, f"{upload.name}: not UTF-8 text; a workload is JSON lines"
+        loaded = parse_workload_bytes(data, source=upload.name)
     except WorkloadError as e:
         return None, str(e)
+    st.caption(loaded.describe())
     UPLOAD_DIR.mkdir(parents=True, exist_ok=True)
     path = UPLOAD_DIR / f"{hashlib.sha256(data).hexdigest()[:16]}-{Path(upload.name).name}"
     path.write_bytes(data)

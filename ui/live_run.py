@@ -26,6 +26,7 @@ from engine.trace import (
     RequestEvent,
     RequestRecord,
     StepRecord,
+    TelemetrySample,
     TraceSink,
 )
 from engine.workload import build_workload
@@ -52,6 +53,9 @@ class _CountingSink:
 
     def record_keyframe(self, keyframe: Keyframe) -> None:
         self.inner.record_keyframe(keyframe)
+
+    def record_telemetry(self, sample: TelemetrySample) -> None:
+        self.inner.record_telemetry(sample)
 
 
 class LiveRun:

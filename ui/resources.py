@@ -181,8 +181,15 @@ def steps(url: str, run_id: int, rev: str) -> pd.DataFrame:
 
 
 @store_query(max_entries=16)
+def telemetry(url: str, run_id: int, rev: str) -> pd.DataFrame:
+    return RunReader(_store(url)).telemetry(run_id)
+
+
+@store_query(max_entries=16)
 def request_events(url: str, run_id: int, rev: str) -> pd.DataFrame:
-    return RunReader(_store(url)).request_events(run_id)
+    """The run's request events, each with its request's label (the workload file's id)."""
+    reader = RunReader(_store(url))
+    return analysis.with_request_labels(reader.request_events(run_id), reader.requests(run_id))
 
 
 @store_query(max_entries=16)

@@ -28,6 +28,8 @@ REPLAY_PAGE = "pages/2_Replay.py"
 EXPERIMENT_PAGE = "pages/1_Experiment.py"
 COMPARE_PAGE = "pages/3_Compare.py"
 QUALITY_PAGE = "pages/4_Quality.py"
+MLA_PAGE = "pages/5_MLA.py"
+HARDWARE_PAGE = "pages/6_Hardware.py"
 SWEEP_PAGE = "pages/7_Sweep.py"
 LIVE_REFRESH_S = 1.0
 
@@ -40,6 +42,8 @@ def sidebar_nav() -> None:
         st.page_link(REPLAY_PAGE, label="Replay", icon=":material/slideshow:")
         st.page_link(COMPARE_PAGE, label="Compare", icon=":material/compare_arrows:")
         st.page_link(QUALITY_PAGE, label="Quality", icon=":material/query_stats:")
+        st.page_link(MLA_PAGE, label="MLA", icon=":material/compress:")
+        st.page_link(HARDWARE_PAGE, label="Hardware", icon=":material/memory:")
         st.page_link(SWEEP_PAGE, label="Sweep", icon=":material/tune:")
         st.divider()
         _running_notice()

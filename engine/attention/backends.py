@@ -9,9 +9,13 @@ by `select_backend`, not a branch inside the attention code.
 - `CpuKernelAttention`: the same, but decode runs the fused C kernel (cpu_kernel.py), which
   reads blocks in place; CPU, fp32 queries over fp32, bf16 or fp16 caches.
 - `QuantizedPagedAttention` (quantized.py): fp8 / int8 / int4 blocks and their residual.
+- `MLAAttention` (mla.py) and `QuantizedMLAAttention` (mla_quantized.py): latent caches
+  (`spec.attention == "latent"`), absorbed or expanded.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +23,9 @@ from engine.attention import cpu_kernel, paged
 from engine.attention.metadata import AttentionMetadata
 from engine.kv_cache.spec import KVCacheSpec
 from engine.kv_cache.storage import LayerCache
+
+if TYPE_CHECKING:
+    from engine.attention.mla import MLAAttention
 
 
 class TorchPagedAttention:
@@ -87,9 +94,14 @@ class CpuKernelAttention(TorchPagedAttention):
 
 
 def select_backend(spec: KVCacheSpec, device: torch.device, scale: float,
-                   workspace: paged.Workspace | None) -> TorchPagedAttention:
+                   workspace: paged.Workspace | None, mla_path: str = "auto"
+                   ) -> TorchPagedAttention | MLAAttention:
     """The fused kernel for fp32 and quantized caches on a CPU where it builds, the PyTorch
-    path elsewhere."""
+    path elsewhere; latent caches get the MLA backend (`mla_path`: see mla.py)."""
+    if spec.attention == "latent":
+        from engine.attention.mla import mla_backend
+
+        return mla_backend(spec, scale, workspace, mla_path)
     if spec.attention != "full":
         raise ValueError(f"no attention backend for {spec.attention!r} caches yet")
     kernel = device.type == "cpu" and cpu_kernel.available()
@@ -97,6 +109,6 @@ def select_backend(spec: KVCacheSpec, device: torch.device, scale: float,
         from engine.attention.quantized import QuantizedPagedAttention
 
         return QuantizedPagedAttention(spec, scale, workspace, use_kernel=kernel)
-    if kernel:  # fp32 caches, and bf16/fp16 ones under fp32 queries (widened in the kernel)
+    if kernel:  # fp32, bf16 and fp16 caches (16-bit ones and 16-bit queries widened in C)
         return CpuKernelAttention(scale, workspace)
     return TorchPagedAttention(scale, workspace)

@@ -5,7 +5,7 @@
  * request's open last block is read from the full-precision residual.
  *
  * Built and loaded with ctypes by engine/attention/cpu_kernel.py (gcc -O3 -march=native
- * -fopenmp, no -ffast-math: results must match the PyTorch path to ~1e-5).
+ * -pthread -fopenmp-simd, no -ffast-math: results must match the PyTorch path to ~1e-5).
  *
  * Work is split over (request, kv head) items, optionally cut along the context into splits
  * (flash-decoding) when there are too few items to keep every thread busy. An item handles the
@@ -14,6 +14,9 @@
  * rescaled once per block, not per token.
  */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -239,88 +242,191 @@ static int num_splits(int pairs, int nthreads, int max_ctx) {
     return want < 1 ? 1 : want;
 }
 
+/* ---- Work items, and who runs them --------------------------------------------------------
+ *
+ * A call is cut into items ((request, kv head, context split) triples) claimed one at a time.
+ * The calling thread claims items itself and helper threads join if they are awake in time
+ * ("help first"): the call waits only for items a helper has actually claimed, never for a
+ * helper to arrive. With OpenMP's fork/join, every call (one per layer per decode step) ended
+ * in a barrier that waited for every thread; when another process held the second core, that
+ * thread was descheduled and each barrier cost a scheduler time slice, which made the kernel
+ * 2.7-2.9x slower than SDPA on a busy 2-core machine (bench/paged_attention.py --busy).
+ *
+ * Claims are tagged with the job's generation (one 64-bit atomic: generation << 32 | next
+ * item), so a helper that wakes late cannot claim an item of a later job with a stale view.
+ * Calls are serialised by a mutex: concurrent engines in one process share the helpers. */
+
+typedef struct {
+    const Cache *c;
+    const float *q;
+    const int64_t *context_lens;
+    float *out, *parts;
+    int H, Hk, G, splits, items, cap;
+    size_t part, scratch;
+    float scale;
+} Job;
+
+static void run_item(const Job *job, int w, float *scratch, atomic_int *status) {
+    const Cache *c = job->c;
+    const int G = job->G, D = c->D, bs = c->bs, splits = job->splits, Hk = job->Hk, H = job->H;
+    float *qs = scratch, *s = qs + (size_t)G * D, *own = s + (size_t)G * bs;
+    float *kbuf = own + job->part, *vbuf = kbuf + (size_t)bs * D;
+    const int pair = w / splits, sp = w % splits, b = pair / Hk, j = pair % Hk;
+    int64_t ctx = job->context_lens[b];
+    ctx = ctx < 0 ? 0 : (ctx > job->cap ? job->cap : ctx);
+    /* splits start on block boundaries so each reads whole blocks */
+    const int64_t nblk = (ctx + bs - 1) / bs, per = (nblk + splits - 1) / splits * bs;
+    const int t0 = (int)(sp * per < ctx ? sp * per : ctx);
+    const int t1 = (int)((sp + 1) * per < ctx ? (sp + 1) * per : ctx);
+    const float *qrow = job->q + ((int64_t)b * H + (int64_t)j * G) * D;
+    for (int i = 0; i < G * D; i++) qs[i] = qrow[i] * job->scale;
+    float *acc = splits > 1 ? job->parts + job->part * w : own;
+    float *m = acc + (size_t)G * D, *l = m + G;
+    if (attend(c, qs, b, j, t0, t1, ctx, acc, m, l, s, kbuf, vbuf, G) < 0)
+        atomic_store(status, -1);
+    if (splits > 1) return;
+    float *o = job->out + ((int64_t)b * H + (int64_t)j * G) * D;
+    for (int g = 0; g < G; g++) { /* an empty context (l = 0) yields zeros, not NaN */
+        const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
+        for (int d = 0; d < D; d++) o[g * D + d] = acc[g * D + d] * inv;
+    }
+}
+
+#define MAX_HELPERS 64
+#define SPIN_POLLS 2000 /* polls of the caller before it yields its core to a helper */
+
+static struct {
+    pthread_mutex_t call;         /* one call at a time */
+    pthread_mutex_t mu;           /* guards job, generation, stop and the helpers' wake-up */
+    pthread_cond_t wake;
+    Job job;                      /* the current call's job (written under mu) */
+    uint32_t generation;
+    _Atomic uint64_t claim;       /* generation << 32 | next item */
+    atomic_int done;              /* items of the current generation finished */
+    atomic_int status;
+    int helpers;
+    pthread_t threads[MAX_HELPERS];
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+/* Claim one item of generation `gen`, or -1 when it has none left (or a newer job began). */
+static int claim(uint32_t gen, int items) {
+    uint64_t v = atomic_load(&pool.claim);
+    for (;;) {
+        if ((uint32_t)(v >> 32) != gen || (int)(uint32_t)v >= items) return -1;
+        if (atomic_compare_exchange_weak(&pool.claim, &v, v + 1)) return (int)(uint32_t)v;
+    }
+}
+
+static void *helper_main(void *arg) {
+    (void)arg;
+    float *scratch = NULL;
+    size_t have = 0;
+    uint32_t seen = 0;
+    for (;;) {
+        pthread_mutex_lock(&pool.mu);
+        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+        const Job job = pool.job; /* a snapshot: valid for the generation it was read in */
+        const uint32_t gen = seen = pool.generation;
+        pthread_mutex_unlock(&pool.mu);
+        if (job.scratch > have) {
+            free(scratch);
+            have = job.scratch;
+            if (!(scratch = malloc(sizeof(float) * have))) have = 0;
+        }
+        if (!have) continue; /* out of memory: leave the items to the caller */
+        for (int w; (w = claim(gen, job.items)) >= 0;) {
+            run_item(&job, w, scratch, &pool.status);
+            atomic_fetch_add(&pool.done, 1);
+        }
+    }
+    return NULL;
+}
+
+static void start_helpers(int wanted) {
+    if (wanted > MAX_HELPERS) wanted = MAX_HELPERS;
+    while (pool.helpers < wanted) {
+        if (pthread_create(&pool.threads[pool.helpers], NULL, helper_main, NULL) != 0) break;
+        pthread_detach(pool.threads[pool.helpers]);
+        pool.helpers++;
+    }
+}
+
+/* Merge each (request, kv head)'s splits: weights exp(m_s - M) undo each split's own max. */
+static void merge_splits(const Job *job, int B) {
+    const int G = job->G, D = job->c->D, Hk = job->Hk, splits = job->splits;
+    const size_t part = job->part;
+    for (int pair = 0; pair < B * Hk; pair++) {
+        const float *first = job->parts + part * pair * splits;
+        float *o = job->out + ((int64_t)(pair / Hk) * job->H + (int64_t)(pair % Hk) * G) * D;
+        for (int g = 0; g < G; g++) {
+            float mx = -INFINITY, total = 0.0f;
+            for (int sp = 0; sp < splits; sp++) {
+                const float ms = first[part * sp + (size_t)G * D + g];
+                mx = ms > mx ? ms : mx;
+            }
+            float *og = o + g * D;
+            memset(og, 0, sizeof(float) * D);
+            for (int sp = 0; sp < splits; sp++) {
+                const float *p = first + part * sp;
+                if (p[(size_t)G * D + G + g] == 0.0f) continue; /* empty split */
+                const float wgt = expf(p[(size_t)G * D + g] - mx);
+                total += wgt * p[(size_t)G * D + G + g];
+                for (int d = 0; d < D; d++) og[d] += wgt * p[g * D + d];
+            }
+            scale_row(og, total > 0.0f ? 1.0f / total : 0.0f, D);
+        }
+    }
+}
+
 /* The decode driver shared by every cache format: q (B, H, D), out (B, H, D); query head h
  * reads kv head h / (H / Hk). context_lens (B,) count valid tokens, so table entries past them
  * are never read. Returns 0, or -1 if a block id was out of range (out is then incomplete) or
  * scratch could not be allocated. */
 static int decode(const Cache *c, const float *q, const int64_t *context_lens, float *out,
                   int B, int H, int Hk, float scale, int nthreads) {
-    const int G = H / Hk, pairs = B * Hk, D = c->D, block_size = c->bs;
-    const int cap = c->max_blocks * block_size;
+    const int G = H / Hk, pairs = B * Hk, D = c->D, bs = c->bs, cap = c->max_blocks * bs;
     int max_ctx = 0;
     for (int b = 0; b < B; b++) {
         const int64_t n = context_lens[b];
         if (n > max_ctx) max_ctx = n > cap ? cap : (int)n;
     }
-    const int splits = num_splits(pairs, nthreads, max_ctx);
-    const int items = pairs * splits;
-    const size_t part = (size_t)G * (D + 2); /* acc (G, D), m (G), l (G) of one split */
-    const size_t rows = c->format == FMT_F32 ? 0 : 2 * (size_t)block_size * D; /* dequant */
-    float *parts = NULL;
-    if (splits > 1 && !(parts = malloc(sizeof(float) * part * items))) return -1;
-    int status = 0;
-#pragma omp parallel num_threads(nthreads) reduction(min : status)
-    {
-        /* per-thread scratch: pre-scaled queries, block scores, a split's state, and the
-         * dequantized rows of one block */
-        float *qs = malloc(sizeof(float) * ((size_t)G * D + (size_t)G * block_size + part + rows));
-        if (!qs) status = -1;
-        float *s = qs + (size_t)G * D, *own = s + (size_t)G * block_size;
-        float *kbuf = own + part, *vbuf = kbuf + (size_t)block_size * D;
-        /* nowait: with no splits the only barrier is the region's end. Each barrier costs a
-         * scheduler time slice when another process keeps both cores busy */
-#pragma omp for schedule(dynamic, 1) nowait
-        for (int w = 0; w < items; w++) {
-            if (!qs) continue;
-            const int pair = w / splits, sp = w % splits, b = pair / Hk, j = pair % Hk;
-            int64_t ctx = context_lens[b];
-            ctx = ctx < 0 ? 0 : (ctx > cap ? cap : ctx);
-            /* splits start on block boundaries so each reads whole blocks */
-            const int64_t nblk = (ctx + block_size - 1) / block_size;
-            const int64_t per = (nblk + splits - 1) / splits * block_size;
-            const int t0 = (int)(sp * per < ctx ? sp * per : ctx);
-            const int t1 = (int)((sp + 1) * per < ctx ? (sp + 1) * per : ctx);
-            const float *qrow = q + ((int64_t)b * H + (int64_t)j * G) * D;
-            for (int i = 0; i < G * D; i++) qs[i] = qrow[i] * scale;
-            float *acc = splits > 1 ? parts + part * w : own;
-            float *m = acc + (size_t)G * D, *l = m + G;
-            if (attend(c, qs, b, j, t0, t1, ctx, acc, m, l, s, kbuf, vbuf, G) < 0) status = -1;
-            if (splits > 1) continue;
-            float *o = out + ((int64_t)b * H + (int64_t)j * G) * D;
-            for (int g = 0; g < G; g++) { /* an empty context (l = 0) yields zeros, not NaN */
-                const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
-                for (int d = 0; d < D; d++) o[g * D + d] = acc[g * D + d] * inv;
-            }
-        }
-        if (splits > 1) { /* same branch in every thread, so the barrier is legal */
-#pragma omp barrier
-#pragma omp for schedule(static)
-            for (int pair = 0; pair < pairs; pair++) {
-                /* merge splits: weights exp(m_s - M) undo each split's own max */
-                const float *first = parts + part * pair * splits;
-                float *o = out + ((int64_t)(pair / Hk) * H + (int64_t)(pair % Hk) * G) * D;
-                for (int g = 0; g < G; g++) {
-                    float mx = -INFINITY, total = 0.0f;
-                    for (int sp = 0; sp < splits; sp++) {
-                        const float ms = first[part * sp + (size_t)G * D + g];
-                        mx = ms > mx ? ms : mx;
-                    }
-                    float *og = o + g * D;
-                    memset(og, 0, sizeof(float) * D);
-                    for (int sp = 0; sp < splits; sp++) {
-                        const float *p = first + part * sp;
-                        if (p[(size_t)G * D + G + g] == 0.0f) continue; /* empty split */
-                        const float wgt = expf(p[(size_t)G * D + g] - mx);
-                        total += wgt * p[(size_t)G * D + G + g];
-                        for (int d = 0; d < D; d++) og[d] += wgt * p[g * D + d];
-                    }
-                    scale_row(og, total > 0.0f ? 1.0f / total : 0.0f, D);
-                }
-            }
-        }
-        free(qs);
+    Job job = {c, q, context_lens, out, NULL, H, Hk, G, num_splits(pairs, nthreads, max_ctx),
+               0, cap, (size_t)G * (D + 2), 0, scale};
+    job.items = pairs * job.splits;
+    /* per thread: pre-scaled queries, block scores, a split's state, dequantized rows */
+    job.scratch = (size_t)G * D + (size_t)G * bs + job.part +
+                  (c->format == FMT_F32 ? 0 : 2 * (size_t)bs * D);
+    float *mine = malloc(sizeof(float) * job.scratch);
+    if (!mine) return -1;
+    if (job.splits > 1 && !(job.parts = malloc(sizeof(float) * job.part * job.items))) {
+        free(mine);
+        return -1;
     }
-    free(parts);
+    pthread_mutex_lock(&pool.call);
+    atomic_store(&pool.status, 0);
+    atomic_store(&pool.done, 0);
+    uint32_t gen = 0;
+    const int helpers = job.items > 1 ? nthreads - 1 : 0;
+    pthread_mutex_lock(&pool.mu);
+    pool.job = job;
+    gen = ++pool.generation;
+    atomic_store(&pool.claim, (uint64_t)gen << 32);
+    if (helpers > 0) {
+        start_helpers(helpers);
+        pthread_cond_broadcast(&pool.wake);
+    }
+    pthread_mutex_unlock(&pool.mu);
+    int finished = 0;
+    for (int w; (w = claim(gen, job.items)) >= 0; finished++) run_item(&job, w, mine, &pool.status);
+    atomic_fetch_add(&pool.done, finished);
+    /* only items a helper claimed are waited for; yield so a descheduled helper can run */
+    for (int spins = 0; atomic_load(&pool.done) < job.items; spins++)
+        if (spins > SPIN_POLLS) sched_yield();
+    const int status = atomic_load(&pool.status);
+    pthread_mutex_unlock(&pool.call);
+    if (job.splits > 1) merge_splits(&job, B);
+    free(job.parts);
+    free(mine);
     return status;
 }
 

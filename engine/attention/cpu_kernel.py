@@ -38,10 +38,11 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 # no -ffast-math: it would let gcc reassociate more than the results may drift (~1e-5);
-# `omp simd reduction` in the source allows the reductions that do need vectorising
+# `omp simd reduction` in the source (-fopenmp-simd: the pragmas only, no OpenMP runtime)
+# allows the reductions that do need vectorising. Threads are the kernel's own (pthreads).
 COMPILER = ["gcc"]
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast", "-std=c11",
-          "-shared", "-fPIC"]
+CFLAGS = ["-O3", "-march=native", "-pthread", "-fopenmp-simd", "-fno-math-errno",
+          "-ffp-contract=fast", "-std=gnu11", "-shared", "-fPIC"]
 DISABLE_ENV = "KVLAB_DISABLE_CPU_KERNEL"
 
 _c_int, _c_float, _ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
@@ -50,6 +51,9 @@ _QUANT_ARGTYPES = ([_c_int] + [_ptr] * 7 + [_c_int] + [_ptr] * 2 + [_c_int] + [_
                    + [_c_int] * 7 + [_c_float, _c_int, ctypes.c_int64])
 QUANT_FORMATS = {"fp8": 1, "int8": 2, "int4": 3}
 HALF_FORMATS = {torch.bfloat16: 4, torch.float16: 5}
+# queries in these dtypes are widened to fp32 for the kernel (a (B, H, D) copy) and its output
+# narrowed back: under bf16 weights the cache and the softmax still run in fp32 arithmetic
+QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _cpu_signature() -> str:
@@ -117,8 +121,6 @@ class _Kernel:
             path = library_path()
             if not path.exists():
                 _build(path)
-            # torch is loaded first, so the library's libgomp.so.1 resolves to torch's copy:
-            # one OpenMP runtime and one thread pool for both
             lib = ctypes.CDLL(str(path))
         except Exception as err:  # noqa: BLE001 - any failure means "use the PyTorch path"
             log.warning("CPU decode kernel unavailable, using the PyTorch path: %s", err)
@@ -149,10 +151,10 @@ def paged_decode_half(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       null_block: int = -1) -> torch.Tensor | None:
     """`paged_decode` for bf16 / fp16 caches under an fp32 query (rows widened to fp32 inside
     the block loop); None where the kernel does not apply."""
-    if (not q.is_cpu or q.dtype != torch.float32 or k_cache.dtype not in HALF_FORMATS
+    if (not q.is_cpu or q.dtype not in QUERY_DTYPES or k_cache.dtype not in HALF_FORMATS
             or v_cache.dtype != k_cache.dtype or _KERNEL.get() is None):
         return None
-    q = q.contiguous()
+    out_dtype, q = q.dtype, q.float().contiguous()
     b, h, d = q.shape
     hk, num_blocks, bs, dk = k_cache.shape
     if dk != d or h % hk or d > 512 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -167,7 +169,7 @@ def paged_decode_half(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if status != 0:
         raise IndexError(f"decode block table holds a block id outside the cache (status "
                          f"{status})")
-    return out
+    return out.to(out_dtype)
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -178,7 +180,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     apply (the caller then runs the PyTorch path). Table entries equal to `null_block` are
     skipped (blocks given back mid-request)."""
     # this runs for every layer of every decode step: keep it to cheap attribute checks
-    if (not q.is_cpu or q.dtype != torch.float32 or k_cache.dtype != torch.float32
+    if (not q.is_cpu or q.dtype not in QUERY_DTYPES or k_cache.dtype != torch.float32
             or v_cache.dtype != torch.float32):
         return None
     fn = _KERNEL.get()
@@ -194,7 +196,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          f"{tuple(block_tables.shape)}, context_lens {tuple(context_lens.shape)}")
     # the kernel indexes raw memory: layouts must be exactly what it assumes (all no-ops, and
     # cheap, in the engine, whose tensors already are)
-    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    out_dtype = q.dtype
+    q, k_cache, v_cache = q.float().contiguous(), k_cache.contiguous(), v_cache.contiguous()
     if block_tables.dtype != torch.int64:
         block_tables = block_tables.long()
     if context_lens.dtype != torch.int64:
@@ -207,7 +210,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if status != 0:
         raise IndexError("decode block table holds a block id outside the cache "
                          f"(0..{num_blocks - 1}), or kernel scratch allocation failed")
-    return out
+    return out.to(out_dtype)
 
 
 def paged_decode_quantized(q: torch.Tensor, cache: LayerCache, block_tables: torch.Tensor,
@@ -217,12 +220,13 @@ def paged_decode_quantized(q: torch.Tensor, cache: LayerCache, block_tables: tor
     inside the kernel's block loop, with each request's open last block read from the fp32
     residual (`tail_slots`, -1: none); None where the kernel does not apply."""
     spec = cache.spec
-    if (not q.is_cpu or q.dtype != torch.float32 or cache.residual is None
+    if (not q.is_cpu or q.dtype not in QUERY_DTYPES or cache.residual is None
             or cache.residual[0].dtype != torch.float32 or spec.kv_dtype not in QUANT_FORMATS):
         return None
     if _KERNEL.get() is None or _KERNEL.quant_fn is None:
         return None
-    q = q.contiguous()  # a slice of the fused q/k/v projection
+    out_dtype = q.dtype
+    q = q.float().contiguous()  # a slice of the fused q/k/v projection
     b, h, d = q.shape
     res_k, res_v = cache.residual  # (Hk, slots, bs, D)
     hk, slots, bs, _ = res_k.shape
@@ -251,4 +255,4 @@ def paged_decode_quantized(q: torch.Tensor, cache: LayerCache, block_tables: tor
     if status != 0:
         raise IndexError("decode block table holds a block id outside the cache, or kernel "
                          f"scratch allocation failed (status {status})")
-    return out
+    return out.to(out_dtype)

@@ -21,6 +21,10 @@ KV_FORMATS = FLOAT_FORMATS + tuple(QUANTIZED_BITS)
 # groups). One group per 64-channel head keeps a token's metadata to 4 bytes per head, which is
 # what lets a block of 128 tokens reach ~1.9x (int8) and ~3.6x (int4) the blocks of bf16.
 VALUE_GROUP = 64
+# Latent caches quantize c_kv per token in tiles of this many values with one fp32 scale each,
+# and keep the RoPE key in bf16: FlashMLA's FP8 layout (512 values, 4 scales, 64 bf16 = 656 B).
+LATENT_TILE = 128
+LATENT_FORMATS = FLOAT_FORMATS + ("fp8", "int8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,8 @@ class KVCacheSpec:
     rotate: bool = False
     num_kv_heads: int = 0  # of this layer share (the tensors' head axis)
     head_dim: int = 0  # of K and V as attention sees them (before any packing)
+    # latent caches: the width of c_kv; the rest of head_dim is the RoPE key k_pe
+    latent_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
@@ -68,6 +74,13 @@ class KVCacheSpec:
         """Whether full blocks are stored quantized (the block being filled stays in the
         full-precision residual until it is full)."""
         return self.kv_dtype in QUANTIZED_BITS
+
+    @property
+    def uses_residual(self) -> bool:
+        """Whether the block being filled waits in a full-precision residual: KIVI keys are
+        quantized per channel over a whole block. Latent formats quantize each token as it is
+        written (FlashMLA's per-token tiles), so they need none."""
+        return self.quantized and self.attention != "latent"
 
     @property
     def bits(self) -> int:
@@ -86,11 +99,14 @@ class KVCacheSpec:
         return next(t for t in self.tensors if t.name == name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"attention": self.attention, "block_size": self.block_size,
-                "kv_dtype": self.kv_dtype, "rotate": self.rotate,
-                "page_size_bytes": self.page_size_bytes,
-                "tensors": {t.name: {"dtype": t.dtype, "block_shape": list(t.block_shape)}
-                            for t in self.tensors}}
+        out = {"attention": self.attention, "block_size": self.block_size,
+               "kv_dtype": self.kv_dtype, "rotate": self.rotate,
+               "page_size_bytes": self.page_size_bytes,
+               "tensors": {t.name: {"dtype": t.dtype, "block_shape": list(t.block_shape)}
+                           for t in self.tensors}}
+        if self.attention == "latent":
+            out["latent_rank"] = self.latent_rank
+        return out
 
 
 def full_attention_spec(num_kv_heads: int, head_dim: int, block_size: int,
@@ -120,6 +136,38 @@ def full_attention_spec(num_kv_heads: int, head_dim: int, block_size: int,
         raise ValueError("a Hadamard rotation needs a quantized cache (fp8, int8, int4) and a "
                          f"power-of-two head dim (here {kv_dtype}, {d})")
     return KVCacheSpec("full", block_size, kv_dtype, tensors, rotate, hk, d)
+
+
+def latent_tile(kv_lora_rank: int) -> int:
+    """Values per scale of a quantized latent: 128 (FlashMLA) or the largest power of two
+    dividing the rank, so a converted model's odd rank still splits into whole tiles."""
+    tile = math.gcd(kv_lora_rank, LATENT_TILE)
+    if tile < 16:
+        raise ValueError(f"a quantized latent needs a kv_lora_rank divisible by 16, not "
+                         f"{kv_lora_rank}; use a float kv_dtype or another rank")
+    return tile
+
+
+def latent_attention_spec(kv_lora_rank: int, rope_dim: int, block_size: int,
+                          kv_dtype: str, rotate: bool = False) -> KVCacheSpec:
+    """MLA's cache (vLLM's MLAAttentionSpec): one entry per token, `[c_kv ; k_pe]` of
+    kv_lora_rank + rope_dim values, no K/V pair. Stored as one "head" (head-major with a head
+    axis of 1, so the paged gathers of full attention serve it too). fp8 and int8 store c_kv
+    as 8-bit values with a fp32 scale per tile of each token and k_pe in bf16."""
+    if rotate:
+        raise ValueError("a Hadamard rotation is for K/V caches; a latent cache takes none")
+    width, bs = kv_lora_rank + rope_dim, block_size
+    if kv_dtype in FLOAT_FORMATS:
+        tensors = (TensorSpec("latent", kv_dtype, (1, bs, width)),)
+    elif kv_dtype in ("fp8", "int8"):
+        tiles = kv_lora_rank // latent_tile(kv_lora_rank)
+        tensors = (TensorSpec("latent", kv_dtype, (1, bs, kv_lora_rank)),
+                   TensorSpec("latent_scale", "fp32", (1, bs, tiles)),
+                   TensorSpec("rope", "bf16", (1, bs, rope_dim)))
+    else:
+        raise ValueError(f"a latent (MLA) cache cannot be {kv_dtype!r}; choose one of "
+                         f"{LATENT_FORMATS}")
+    return KVCacheSpec("latent", block_size, kv_dtype, tensors, False, 1, width, kv_lora_rank)
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,8 +78,7 @@ class PagedKVCache:
     which block; this class only stores bytes and never changes its shape after construction."""
 
     def __init__(self, groups: tuple[KVCacheGroup, ...], num_blocks: int,
-                 device: torch.device | str, residual_slots: int = 64,
-                 residual_dtype: torch.dtype = torch.float32):
+                 device: torch.device | str, residual_slots: int = 64, commit: bool = False):
         shapes = {(len(g.layers), len(g.kv_heads), g.spec) for g in groups}
         if len(shapes) != 1:
             raise ValueError("every KV cache group must have one shape and spec (layout.py)")
@@ -90,16 +89,20 @@ class PagedKVCache:
         self.block_size = self.spec.block_size
         self.device = torch.device(device)
         positions = len(groups[0].layers)
-        self.storage = {t.name: torch.empty((positions, *t.storage_shape(num_blocks + 1)),
-                                            dtype=TORCH_DTYPES[t.dtype], device=self.device)
+        # `commit`: zeroed, so every page is resident from the start (as a GPU allocation is)
+        # and the process's memory shows the cache; else pages are committed as they are used
+        make = torch.zeros if commit else torch.empty
+        self.storage = {t.name: make((positions, *t.storage_shape(num_blocks + 1)),
+                                     dtype=TORCH_DTYPES[t.dtype], device=self.device)
                         for t in self.spec.tensors}
         # quantized formats keep the blocks being filled in full precision (KIVI's residual);
-        # block ids are pool-wide, so one residual serves every group
+        # block ids are pool-wide, so one residual serves every group. fp32 whatever the
+        # weights: it is a few blocks, and the CPU kernel reads it as it is
         self.residual = None
-        if self.spec.quantized:
+        if self.spec.uses_residual:
             self.residual = Residual(positions, self.spec.num_kv_heads, self.spec.head_dim,
                                      self.block_size, residual_slots * len(groups),
-                                     residual_dtype, self.device)
+                                     torch.float32, self.device)
         self.layers: dict[int, list[LayerCache]] = {}  # layer -> its groups' shares, by head
         for g in groups:
             for p, layer in enumerate(g.layers):
@@ -137,6 +140,14 @@ class PagedKVCache:
     def allocated_bytes(self) -> int:
         """What the storage tensors really occupy, null page included (not the residual)."""
         return sum(t.numel() * t.element_size() for t in self.storage.values())
+
+    @property
+    def allocated_bytes_per_token(self) -> float:
+        """Measured, not derived from the spec: the storage tensors' bytes over the token
+        slots of every page (the null page included on both sides), summed over the groups
+        that share the storage."""
+        slots = (self.num_blocks + 1) * self.block_size
+        return self.allocated_bytes / slots * len(self.groups)
 
     @property
     def residual_bytes(self) -> int:

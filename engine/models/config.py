@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.kv_cache.spec import KVCacheSpec, full_attention_spec
+from engine.models.mla_config import MLA_LITE, MLA_TINY, MLAConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,4 +62,11 @@ TINY_LLAMA = LlamaConfig(
     rms_norm_eps=1e-5,
 )
 
-MODEL_CONFIGS: dict[str, LlamaConfig] = {c.name: c for c in (SMOLLM2_135M, TINY_LLAMA)}
+# What the engine runs: a Llama (K/V cache) or an MLA model (latent cache); both answer the
+# same attribute names (num_layers, num_heads, num_kv_heads, head_dim, kv_cache_spec, ...).
+ModelConfig = LlamaConfig | MLAConfig
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    c.name: c for c in (SMOLLM2_135M, TINY_LLAMA, MLA_LITE, MLA_TINY)}
+# Presets with real weights (the others are random by seed)
+PRETRAINED = ("smollm2",)
