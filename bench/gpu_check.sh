@@ -116,7 +116,7 @@ step gpu-tests 300 python3 -m pytest -q -p no:cacheprovider -m gpu $gpu_tests
 step paged-attention 120 python3 bench/paged_attention.py --device cuda --json
 step e2e-decode 180 python3 bench/e2e_decode.py --device cuda --json
 step roofline 180 python3 bench/roofline.py --device cuda --json
-step kv-quant 240 python3 bench/kv_quant.py --device cuda --decode-batch 32 --decode-context 4096 --json
+step kv-quant 240 python3 bench/kv_quant.py --device cuda --dtype bf16 --decode-batch 32 --decode-context 4096 --json
 step mla-decode 300 python3 bench/mla_decode.py --device cuda --batch 64 --contexts 512,2048,8192,32768 --json
 
 db="sqlite:///$out/gpu-run.db"

@@ -9,7 +9,8 @@
    steps interleaved on caches prefilled with the same passages (target >= 0.8x).
 
     python bench/kv_quant.py [--json] [--context 2048] [--num-scored 256] [--passages 8]
-                             [--device cpu|cuda] [--decode-batch N] [--decode-context N]
+                             [--device cpu|cuda] [--dtype fp32|bf16] [--decode-batch N]
+                             [--decode-context N]
 
 `--decode-batch`/`--decode-context` time decode at another shape than the quality passages
 (bench/gpu_check.sh: batch 32, context 4096); the held set, joined and cut into windows of that
@@ -48,7 +49,8 @@ def capacity(block_sizes: tuple[int, ...]) -> list[dict]:
 
 
 def quality(loaded, passages, args) -> list[dict]:
-    base = RunConfig(model="smollm2", device=args.device, max_model_len=args.context + 1)
+    base = RunConfig(model="smollm2", device=args.device, dtype=args.dtype,
+                     max_model_len=args.context + 1)
     configs = [base.replace(kv_dtype=kv, kv_rotate=rot) for kv, rot in QUALITY]
     results = evaluate_many(configs, loaded, passages, context=args.context,
                             num_scored=args.num_scored)
@@ -64,7 +66,7 @@ def decode_passages(loaded, batch: int, context: int) -> list[list[int]]:
 
 
 def decode_speed(loaded, passages, context: int, args) -> dict[str, float]:
-    base = RunConfig(model="smollm2", device=args.device,
+    base = RunConfig(model="smollm2", device=args.device, dtype=args.dtype,
                      max_model_len=context + args.decode_steps + 1)
     configs = {kv: base.replace(kv_dtype=kv) for kv in ("fp32", "bf16", "fp8", "int8", "int4")}
     return decode_tokens_per_s(configs, loaded, passages, context, args.decode_steps)
@@ -80,8 +82,10 @@ def main() -> None:
     parser.add_argument("--decode-batch", type=int, help="default: --passages")
     parser.add_argument("--decode-context", type=int, help="default: --context")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="the weights' (fp32: the figures are the cache's cost alone)")
     args = parser.parse_args()
-    loaded = load_model_for(RunConfig(model="smollm2", device=args.device))
+    loaded = load_model_for(RunConfig(model="smollm2", device=args.device, dtype=args.dtype))
     passages = passage_tokens(held_set(args.passages), loaded.tokenizer, args.context)
     decode_batch = args.decode_batch or args.passages
     decode_context = args.decode_context or args.context

@@ -45,10 +45,11 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=16)
     args = parser.parse_args()
-    loaded = load_model_for(RunConfig(model="smollm2", device="cpu"))
+    # fp32 weights, as the reference's: the figures are then the cache's cost alone
+    loaded = load_model_for(RunConfig(model="smollm2", device="cpu", dtype="fp32"))
     passages = passage_tokens(held_set(args.passages), loaded.tokenizer, args.context)
-    base = RunConfig(model="smollm2", device="cpu", max_model_len=args.context + args.decode_steps
-                     + 1)
+    base = RunConfig(model="smollm2", device="cpu", dtype="fp32",
+                     max_model_len=args.context + args.decode_steps + 1)
     named = {name: base.replace(policy=p) for name, p in
              policies(args.budget, loaded.config.num_layers).items()}
     results = evaluate_many(list(named.values()), loaded, passages, context=args.context,

@@ -54,7 +54,7 @@ passages = c[3].number_input("passages", min_value=1, max_value=12, value=8, key
 config, problem = None, None
 try:
     config = RunConfig(model=model, kv_dtype=kv_dtype, kv_rotate=rotate, policy=policy,
-                       block_size=int(block_size),
+                       block_size=int(block_size), dtype="fp32",  # the cache's cost alone
                        max_model_len=min(int(context) + 1,
                                          MODEL_CONFIGS[model].max_position_embeddings))
 except ConfigError as exc:

@@ -204,6 +204,20 @@ def test_the_quality_harness_scores_fp32_against_itself_exactly(tiny_model):
     assert int4.kl_mean > 0 and int4.kv_bytes_per_token < same.kv_bytes_per_token / 3
 
 
+def test_cli_quality_scores_fp32_weights_by_default(capsys):
+    """The run default may be bf16 on this CPU; quality keeps fp32 weights unless told, so its
+    figures are the cache's cost alone (an fp32 cache then scores exactly 0)."""
+    import json
+
+    import cli
+
+    assert cli.build_parser().parse_args(["quality"]).dtype == "fp32"
+    code = cli.main(["quality", "--model", "tiny", "--kv-dtype", "fp32", "--context", "64",
+                     "--num-scored", "8", "--passages", "1", "--json", "--no-store"])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and figures["kl_mean"] == 0.0 and figures["top1"] == 1.0
+
+
 @pytest.mark.slow
 def test_smollm2_int8_and_int4_stay_close_to_fp32(smollm2):
     passages = passage_tokens(held_set(2), smollm2.tokenizer, 256)

@@ -13,10 +13,21 @@ from engine.models.hf_config import ModelFolderError, looks_like_path, read_fold
 from engine.models.mla_config import MLAConfig
 from engine.models.mla_shapes import KINDS, PAPER, AttentionShape
 
-# README's table (cli.py quality --context 1024 --num-scored 128, 8 held-set passages), shown
-# while the store holds no evaluation of a converted folder
-README_KL = pd.DataFrame([], columns=["rank", "rope_dims", "kl_mean", "top1",
-                                      "kv_values_per_token_per_layer"])
+# README's table (bench/mla_rank.py: 4 held-set passages, context 512, 32 tokens scored each,
+# fp32), shown while the store holds no evaluation of a converted folder
+README_KL = pd.DataFrame([
+    (16, 16, 2.4847, 0.2266, 64),
+    (64, 16, 2.1227, 0.2109, 112),
+    (128, 16, 1.9164, 0.2734, 176),
+    (256, 16, 1.8117, 0.2656, 304),
+    (336, 16, 1.8289, 0.2734, 384),
+    (288, 32, 0.3283, 0.6562, 384),
+    (240, 48, 0.0621, 0.8516, 384),
+    (48, 64, 0.9447, 0.4531, 240),
+    (96, 64, 0.4623, 0.5703, 288),
+    (144, 64, 0.2127, 0.7031, 336),
+    (192, 64, 0.0000, 1.0000, 384),
+], columns=["rank", "rope_dims", "kl_mean", "top1", "kv_values_per_token_per_layer"])
 
 
 def footprint(shape: AttentionShape, kv_dtype: str, budget_bytes: int,

@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* gcc left the per-block helpers out of line when merely `inline`: ~10 % slower, measured */
 #define INLINE static inline __attribute__((always_inline))
@@ -294,6 +295,12 @@ static void run_item(const Job *job, int w, float *scratch, atomic_int *status) 
 
 #define MAX_HELPERS 64
 #define SPIN_POLLS 2000 /* polls of the caller before it yields its core to a helper */
+/* A helper stays awake this long after a job, yielding between polls, before it sleeps. A
+ * decode step calls once per layer, a fraction of a millisecond apart; a helper that slept in
+ * between woke too late to take a share of the next call (the idle vCPU halts, and waking it
+ * costs more than the call), which made the kernel up to 2x slower on a quiet machine. The
+ * yield leaves the core to any other runnable thread (torch's own) while it waits. */
+#define HELPER_AWAKE_NS 300000
 
 static struct {
     pthread_mutex_t call;         /* one call at a time */
@@ -301,6 +308,7 @@ static struct {
     pthread_cond_t wake;
     Job job;                      /* the current call's job (written under mu) */
     uint32_t generation;
+    _Atomic uint32_t published;   /* = generation, readable without mu by a helper awake */
     _Atomic uint64_t claim;       /* generation << 32 | next item */
     atomic_int done;              /* items of the current generation finished */
     atomic_int status;
@@ -317,12 +325,21 @@ static int claim(uint32_t gen, int items) {
     }
 }
 
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
 static void *helper_main(void *arg) {
     (void)arg;
     float *scratch = NULL;
     size_t have = 0;
     uint32_t seen = 0;
     for (;;) {
+        for (const int64_t until = now_ns() + HELPER_AWAKE_NS;
+             atomic_load(&pool.published) == seen && now_ns() < until;)
+            sched_yield();
         pthread_mutex_lock(&pool.mu);
         while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.mu);
         const Job job = pool.job; /* a snapshot: valid for the generation it was read in */
@@ -411,6 +428,7 @@ static int decode(const Cache *c, const float *q, const int64_t *context_lens, f
     pool.job = job;
     gen = ++pool.generation;
     atomic_store(&pool.claim, (uint64_t)gen << 32);
+    atomic_store(&pool.published, gen);
     if (helpers > 0) {
         start_helpers(helpers);
         pthread_cond_broadcast(&pool.wake);

@@ -56,19 +56,23 @@ class _Weights:
         return torch.cat([self[n] for n in names])
 
 
-def llama_state_dict(w: _Weights, config: LlamaConfig) -> dict[str, torch.Tensor]:
+def _outer(w: _Weights, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The tensors outside the layers: embeddings, final norm, an untied LM head."""
     sd = {"embed_tokens.weight": w["embed_tokens.weight"], "norm.weight": w["norm.weight"]}
     if not config.tie_word_embeddings:
         sd["lm_head.weight"] = w["lm_head.weight"]
+    return sd
+
+
+def llama_state_dict(w: _Weights, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    sd = _outer(w, config)
     for i in range(config.num_layers):
         g, p = f"layers.{i}.", f"layers.{i}."
         sd[p + "attn_norm.weight"] = w[g + "input_layernorm.weight"]
         sd[p + "attn.qkv_proj.weight"] = w.cat(*(g + f"self_attn.{x}_proj.weight" for x in "qkv"))
         sd[p + "attn.o_proj.weight"] = w[g + "self_attn.o_proj.weight"]
         sd[p + "mlp_norm.weight"] = w[g + "post_attention_layernorm.weight"]
-        sd[p + "mlp.gate_up_proj.weight"] = w.cat(g + "mlp.gate_proj.weight",
-                                                  g + "mlp.up_proj.weight")
-        sd[p + "mlp.down_proj.weight"] = w[g + "mlp.down_proj.weight"]
+        _mlp(w, g + "mlp.", p + "mlp.", sd)
     return sd
 
 
@@ -89,9 +93,7 @@ def _experts(w: _Weights, src: str, config: MLAConfig) -> tuple[torch.Tensor, to
 
 
 def deepseek_state_dict(w: _Weights, config: MLAConfig) -> dict[str, torch.Tensor]:
-    sd = {"embed_tokens.weight": w["embed_tokens.weight"], "norm.weight": w["norm.weight"]}
-    if not config.tie_word_embeddings:
-        sd["lm_head.weight"] = w["lm_head.weight"]
+    sd = _outer(w, config)
     for i in range(config.num_layers):
         g, p = f"layers.{i}.", f"layers.{i}."
         a, q = g + "self_attn.", p + "attn."
