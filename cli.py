@@ -101,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+DTYPE_HELP = "auto (bf16 on CUDA and on CPUs with bf16 instructions, else fp32), fp32, bf16, fp16"
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser, dtype_default: str = "auto",
+                          dtype_help: str = DTYPE_HELP) -> None:
     parser.add_argument("--model", default="smollm2",
                         help="smollm2 (bundled), tiny, mla-lite or mla-tiny (random by seed), "
                              "or a Hugging Face model folder (config.json + *.safetensors: "
@@ -111,9 +115,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "up-projecting it (expanded); auto absorbs decode and picks per "
                              "prefill chunk by cost")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (bf16 on CUDA and on CPUs with bf16 instructions, else "
-                             "fp32), fp32, bf16, fp16")
+    parser.add_argument("--dtype", default=dtype_default, help=dtype_help)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)

@@ -33,12 +33,12 @@ def register(sub: argparse._SubParsersAction, add_engine_arguments, add_db_argum
     q.add_argument("--passages", type=int, default=8, help="passages (of the held set or file)")
     q.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     q.add_argument("--no-store", action="store_true", help="do not store the result")
-    add_engine_arguments(q)
-    add_db_argument(q)
     # fp32 weights by default, whatever the run default is on this machine: the reference is
     # the same weights with an fp32 cache, so the figures are then the cache's cost alone
-    _redefault(q, "dtype", "fp32", "weights' dtype: fp32 (default; the figures are the cache's "
-                                   "cost alone), bf16, fp16 or auto (the run default)")
+    add_engine_arguments(q, dtype_default="fp32",
+                         dtype_help="weights' dtype: fp32 (default; the figures are the cache's "
+                                    "cost alone), bf16, fp16 or auto (the run default)")
+    add_db_argument(q)
     q.set_defaults(handler=cmd_quality)
 
     c = sub.add_parser("calibrate-heads",
@@ -53,14 +53,6 @@ def register(sub: argparse._SubParsersAction, add_engine_arguments, add_db_argum
     c.add_argument("--json", action="store_true")
     add_engine_arguments(c)
     c.set_defaults(handler=cmd_calibrate_heads)
-
-
-def _redefault(parser: argparse.ArgumentParser, dest: str, default: str, help_text: str
-               ) -> None:
-    """Give one shared engine option another default (and say so in its help)."""
-    for action in parser._actions:
-        if action.dest == dest:
-            action.default, action.help = default, help_text
 
 
 EXIT_BAD_INPUT = 2

@@ -34,7 +34,7 @@ from engine.kv_cache.storage import PagedKVCache  # noqa: E402
 from engine.model_runner import ModelRunner  # noqa: E402
 from engine.models.loader import load_model  # noqa: E402
 from engine.models.mla_shapes import KINDS, SHAPES  # noqa: E402
-from engine.roofline import measure_bandwidth  # noqa: E402
+from engine.roofline import bandwidth  # noqa: E402
 from engine.sequence import Sequence  # noqa: E402
 
 BLOCK = 16
@@ -121,7 +121,7 @@ def main() -> None:
     loaded = load_model("mla-lite", device, dtype)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{torch.get_num_threads()} threads")
-    copy_bw = measure_bandwidth(device)
+    copy_bw = bandwidth(device)  # the figure the engine's roofline uses
     print(f"1. decode step, mla-lite ({loaded.config.num_layers} layers), batch {args.batch}, "
           f"{dtype_name}, {where}, median of {args.reps}, interleaved")
     print(f"{'context':>8} {'absorbed ms':>12} {'expanded ms':>12} {'expanded/absorbed':>18} "
