@@ -42,6 +42,10 @@ MEDIAN_LIMIT_S = 1.0
 PAGE_LOAD_MS = 120_000  # the first page load imports torch and friends on a busy 2-core box
 MOVE_TIMEOUT_MS = 30_000  # one slider move; a move that takes this long fails the test
 RUN_END_TIMEOUT_MS = 180_000  # a tiny-model run from Run (or Stop) to its end
+# One attempt at clicking Stop. The live panel redraws every second, and on a loaded CI box a
+# redraw can land between Playwright's scroll and its click, so the click point hits <html>;
+# a person clicks again, and so does the test, until the click lands or the run ends.
+STOP_ATTEMPT_MS = 5_000
 ERRORS = '[data-testid="stException"], [data-testid="stAlertContentError"]'
 GRID_TITLE_JS = """want => [...document.querySelectorAll('.vega-embed .role-title text')]
     .some(t => t.textContent === want)"""
@@ -61,6 +65,7 @@ class Figures:
     slider_s: list[float] = field(default_factory=list)
     runs_started: list[int] = field(default_factory=list)
     stop_clicks: int = 0
+    stop_retries: int = 0  # Stop clicks that missed a redrawing panel and were made again
     start_s: list[float] = field(default_factory=list)  # Run click until the run's header
     stop_s: list[float] = field(default_factory=list)  # Stop click until the run shows its end
     ended: dict[int, str] = field(default_factory=dict)  # run id -> finished | interrupted | ...
@@ -86,6 +91,24 @@ def seed_runs(db_url: str, model, count: int) -> list[int]:
     finally:
         store.dispose()
     return ids
+
+
+async def click_stop(page, run_id: str, figures: Figures) -> float | None:
+    """Click the running panel's Stop; the click's time, or None when the run ended first."""
+    # :visible: the panel's fragment keeps a hidden copy of the button as well
+    stop = page.locator(".st-key-experiment_stop button:visible")
+    deadline = time.monotonic() + RUN_END_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        if await page.evaluate(f"({RUN_ENDED_JS})", run_id):
+            return None
+        try:
+            clicked = time.perf_counter()
+            await stop.click(timeout=STOP_ATTEMPT_MS)
+            return clicked
+        except playwright_api.TimeoutError:
+            figures.stop_retries += 1
+    raise TimeoutError(f"Stop of run #{run_id} never took a click in "
+                       f"{RUN_END_TIMEOUT_MS / 1000:.0f} s")
 
 
 async def shown_errors(page, where: str, figures: Figures) -> None:
@@ -173,19 +196,17 @@ async def experiment_loop(page, deadline: float, figures: Figures) -> None:
             stopped = None
             if cycle % 3 != 2:
                 await asyncio.sleep(rng.uniform(0.5, 3.0))  # a person's pause, not a wait
-                # :visible: the panel's fragment keeps a hidden copy of the button as well
-                stop = page.locator(".st-key-experiment_stop button:visible")
-                if await stop.count() == 1 and await stop.is_enabled():
-                    stopped = time.perf_counter()
-                    await stop.click()
-                    figures.stop_clicks += 1
+                stopped = await click_stop(page, previous, figures)
+                figures.stop_clicks += stopped is not None
             await page.wait_for_function(RUN_ENDED_JS, arg=previous, timeout=RUN_END_TIMEOUT_MS)
             if stopped is not None:
                 figures.stop_s.append(time.perf_counter() - stopped)
             await shown_errors(page, f"experiment run #{previous}", figures)
             cycle += 1
     except Exception as e:
-        figures.errors.append(f"experiment: {type(e).__name__}: {str(e)[:500]}")
+        # the head names the call and the tail what it waited on: keep both
+        text = str(e)
+        figures.errors.append(f"experiment: {type(e).__name__}: {text[:300]} … {text[-700:]}")
         await page.screenshot(path=str(artifacts_dir() / "load-experiment.png"))
 
 
@@ -239,7 +260,7 @@ def test_four_replays_and_an_experiment_at_once(tmp_path, tiny_model):
           f"{max(moves, default=0) * 1000:.0f} ms; experiment: {len(figures.runs_started)} "
           f"runs started (Run click to its header, median "
           f"{statistics.median(figures.start_s or [0]):.1f} s), {figures.stop_clicks} stop "
-          f"clicks (Stop click to the end shown, median "
+          f"clicks ({figures.stop_retries} retried) (Stop click to the end shown, median "
           f"{statistics.median(figures.stop_s or [0]):.1f} s), "
           f"{outcomes.count('interrupted')} stopped, {outcomes.count('finished')} finished, "
           f"{outcomes.count('failed')} failed")
