@@ -5,7 +5,7 @@
 SmolLM2 attention shapes (9 query heads, 3 KV heads, head dim 64), batch 8, context 2048, block
 sizes 16 and 64 with shuffled block ids. Two paged paths are timed against contiguous SDPA:
 
-  kernel  the fused C kernel (engine/attention/cpu_decode.c) that the engine uses on CPU fp32:
+  kernel  the fused C kernel (engine/cpu/paged_decode.c) that the engine uses on CPU fp32:
           it reads blocks in place;
   torch   the pure-PyTorch path (gather into reused scratch, grouped bmm + softmax), the CUDA
           and low-precision path and the reference. Its per-step mask is built once per step

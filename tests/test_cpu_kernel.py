@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from engine.attention import cpu_kernel, paged
 from engine.attention.backends import CpuKernelAttention
 from engine.attention.metadata import AttentionMetadata
+from engine.cpu import library
 from engine.kv_cache.spec import full_attention_spec
 from engine.kv_cache.storage import LayerCache
 
@@ -23,9 +24,9 @@ needs_kernel = pytest.mark.skipif(not cpu_kernel.available(),
 def fresh_kernel(monkeypatch, tmp_path):
     """A kernel state and build cache of the test's own; the process-wide state is restored."""
     monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
-    cpu_kernel.reset()
+    library.reset()
     yield
-    cpu_kernel.reset()
+    library.reset()
 
 
 def make_case(batch: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
@@ -143,7 +144,7 @@ def test_bad_block_id_raises_instead_of_reading_wild_memory():
 
 
 def test_disabled_by_env_falls_back(monkeypatch, fresh_kernel):
-    monkeypatch.setenv(cpu_kernel.DISABLE_ENV, "1")
+    monkeypatch.setenv(library.DISABLE_ENV, "1")
     c = make_case(2, 4, 2, 16, 16, [20, 40], seed=4)
     assert kernel(c) is None
     meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.int64),
@@ -161,19 +162,19 @@ def test_bf16_falls_back():
 
 
 def test_failing_compiler_warns_once_and_falls_back(monkeypatch, fresh_kernel, caplog):
-    monkeypatch.setattr(cpu_kernel, "COMPILER", ["false"])  # exits 1, like a broken build
+    monkeypatch.setattr(library, "COMPILER", ["false"])  # exits 1, like a broken build
     c = make_case(2, 4, 2, 16, 16, [20, 40], seed=6)
-    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
+    with caplog.at_level(logging.WARNING, logger=library.__name__):
         assert kernel(c) is None
         assert kernel(c) is None  # the failure is remembered: no second build, no second log
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "PyTorch path" in warnings[0].getMessage()
-    assert not list(cpu_kernel.library_path().parent.glob("*"))  # no half-written library
+    assert not list(library.library_path().parent.glob("*"))  # no half-written library
 
 
 def test_missing_compiler_falls_back(monkeypatch, fresh_kernel, caplog):
-    monkeypatch.setattr(cpu_kernel, "COMPILER", ["kvlab-no-such-cc"])
-    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
+    monkeypatch.setattr(library, "COMPILER", ["kvlab-no-such-cc"])
+    with caplog.at_level(logging.WARNING, logger=library.__name__):
         assert not cpu_kernel.available()
     assert "not found" in caplog.text
 
@@ -181,8 +182,8 @@ def test_missing_compiler_falls_back(monkeypatch, fresh_kernel, caplog):
 @needs_kernel
 def test_build_is_cached_by_source_and_flags(fresh_kernel):
     assert cpu_kernel.available()
-    path = cpu_kernel.library_path()
+    path = library.library_path()
     assert path.exists() and path.parent.name == "kernels"
-    cpu_kernel.reset()
+    library.reset()
     mtime = path.stat().st_mtime_ns
     assert cpu_kernel.available() and path.stat().st_mtime_ns == mtime  # loaded, not rebuilt

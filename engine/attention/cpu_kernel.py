@@ -1,49 +1,27 @@
-"""The fused CPU decode kernel (cpu_decode.c): built with gcc on first use, loaded with ctypes.
+"""Paged decode attention through the CPU kernel (engine/cpu/paged_decode.c).
 
 Why a kernel: the PyTorch decode path copies every request's blocks into a workspace before
 its matmuls, and that copy alone costs ~0.6x of contiguous SDPA (bench/paged_attention.py);
 the kernel reads each block where it lies and streams the softmax, so K/V are read once.
 
-Why ctypes and not a torch C++ extension: torch's headers take minutes to compile on the 2-core
-machines; the C file builds in well under a second and needs only gcc.
-
-The library lands in `$KVLAB_CACHE_DIR/kernels/` under a hash of the source, the compiler
-command and the CPU (`-march=native` code must not run on a machine with fewer instructions),
-so a second process loads it without compiling. `paged_decode` returns None whenever the kernel
-cannot serve a call (not CPU fp32, no gcc, failed build, `KVLAB_DISABLE_CPU_KERNEL=1`) and the
-caller falls back to the PyTorch path; it never raises for those reasons.
+The kernel lives in the lab's CPU library (engine/cpu/library.py: built with gcc on first use,
+cached per source, compiler and CPU). Each function here returns None whenever the kernel
+cannot serve a call (not a CPU tensor of a dtype it reads, no gcc, failed build,
+`KVLAB_DISABLE_CPU_KERNEL=1`) and the caller falls back to the PyTorch path; it never raises
+for those reasons.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import threading
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from engine.cache_files import atomic_write, cache_dir
+from engine.cpu import library
 
 if TYPE_CHECKING:
     from engine.kv_cache.storage import LayerCache
-
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("cpu_decode.c")
-# no -ffast-math: it would let gcc reassociate more than the results may drift (~1e-5);
-# `omp simd reduction` in the source (-fopenmp-simd: the pragmas only, no OpenMP runtime)
-# allows the reductions that do need vectorising. Threads are the kernel's own (pthreads).
-COMPILER = ["gcc"]
-CFLAGS = ["-O3", "-march=native", "-pthread", "-fopenmp-simd", "-fno-math-errno",
-          "-ffp-contract=fast", "-std=gnu11", "-shared", "-fPIC"]
-DISABLE_ENV = "KVLAB_DISABLE_CPU_KERNEL"
 
 _c_int, _c_float, _ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 _ARGTYPES = [_ptr] * 6 + [_c_int] * 7 + [_c_float, _c_int, ctypes.c_int64]
@@ -56,89 +34,28 @@ HALF_FORMATS = {torch.bfloat16: 4, torch.float16: 5}
 QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _cpu_signature() -> str:
-    """The CPU's feature flags, which decide what `-march=native` emits."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def library_path() -> Path:
-    """Where the library for this source, compiler command and CPU is (or will be) cached."""
-    key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(COMPILER + CFLAGS).encode(),
-                 platform.machine().encode(), _cpu_signature().encode()):
-        key.update(part)
-        key.update(b"\0")
-    return cache_dir() / "kernels" / f"cpu_decode-{key.hexdigest()[:16]}.so"
-
-
-def _build(target: Path) -> None:
-    """Compile to a temporary name and rename, so a concurrent process never loads half a
-    file. Raises on failure (the caller logs and remembers)."""
-    if shutil.which(COMPILER[0]) is None:
-        raise FileNotFoundError(f"compiler {COMPILER[0]!r} not found")
-
-    def compile_to(tmp: str) -> None:
-        done = subprocess.run([*COMPILER, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"],
-                              capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(COMPILER)} failed ({done.returncode}): "
-                               f"{done.stderr.strip()[:2000]}")
-
-    atomic_write(target, compile_to)
-
-
 class _Kernel:
-    """The process-wide handle: loaded once under a lock (the engine may serve from several
-    threads), then read without locking. `fn` (fp32 caches) and `quant_fn` (quantized) are None
-    until loaded, and stay None after a failure or when disabled, so a failed build is tried
-    and logged once per process."""
+    """The decode entry points of the loaded library: `fn` (fp32 caches) and `quant_fn`
+    (quantized and 16-bit caches), None while the library is unavailable. Bound again when
+    the library is (tests reset it)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.tried = False
+        self.lib: ctypes.CDLL | None = None
         self.fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
         self.quant_fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
 
     def get(self) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-        if not self.tried:
-            with self._lock:
-                if not self.tried:
-                    self._load()
-                    self.tried = True
+        lib = library.load()
+        if lib is not self.lib:
+            self.lib, self.fn, self.quant_fn = lib, None, None
+            if lib is not None:
+                self.fn, self.quant_fn = lib.paged_decode_f32, lib.paged_decode_quant
+                self.fn.argtypes, self.fn.restype = _ARGTYPES, _c_int
+                self.quant_fn.argtypes, self.quant_fn.restype = _QUANT_ARGTYPES, _c_int
         return self.fn
-
-    def _load(self) -> None:
-        if os.environ.get(DISABLE_ENV) == "1":
-            log.info("CPU decode kernel disabled by %s=1", DISABLE_ENV)
-            return
-        try:
-            path = library_path()
-            if not path.exists():
-                _build(path)
-            lib = ctypes.CDLL(str(path))
-        except Exception as err:  # noqa: BLE001 - any failure means "use the PyTorch path"
-            log.warning("CPU decode kernel unavailable, using the PyTorch path: %s", err)
-            return
-        for name, argtypes, attr in (("paged_decode_f32", _ARGTYPES, "fn"),
-                                     ("paged_decode_quant", _QUANT_ARGTYPES, "quant_fn")):
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, _c_int
-            setattr(self, attr, fn)
 
 
 _KERNEL = _Kernel()
-
-
-def reset() -> None:
-    """Forget the loaded (or failed) kernel; the next call loads again. For tests."""
-    global _KERNEL
-    _KERNEL = _Kernel()
 
 
 def available() -> bool:

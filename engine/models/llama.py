@@ -18,6 +18,8 @@ from torch import nn
 
 from engine.attention.layer import Attention
 from engine.attention.metadata import AttentionMetadata
+from engine.cpu import linear as cpu_linear
+from engine.cpu import norm as cpu_norm
 from engine.kv_cache.spec import KVCacheSpec
 from engine.models.config import LlamaConfig
 
@@ -36,14 +38,35 @@ def rope_tables(config: LlamaConfig, device: torch.device | None = None
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (T, in) @ weight (out, in).T -> (T, out), contiguous.
 
-    On CPU, MKL runs `weight @ x.T` about 1.5x faster than `x @ weight.T` for the skinny
+    CPU bf16 at decode sizes: the lab's kernel (engine/cpu/linear.py), which reads each weight
+    once at close to the read bandwidth; oneDNN's bf16 matmul read SmolLM2's at 13-19 GB/s.
+    CPU fp32: MKL runs `weight @ x.T` about 1.5x faster than `x @ weight.T` for the skinny
     activations of decode and chunked prefill (30 matmuls of 3072x576: 41.6 vs 66.2 ms at T=8,
     78 vs 113 ms at T=32, on this 2-core EPYC VM), with the same results to within ~1e-5
-    (bitwise equal at most T). Elsewhere F.linear is the fast path, bf16 on CPU included (oneDNN,
-    not MKL: 18.6 vs 21.1 ms for all of SmolLM2's matmuls at T=8, equal at T=1)."""
-    if x.device.type != "cpu" or weight.dtype != torch.float32:
+    (bitwise equal at most T). Elsewhere (prefill chunks in bf16, CUDA) F.linear."""
+    if x.device.type != "cpu":
+        return F.linear(x, weight)
+    if weight.dtype == torch.bfloat16:
+        out = cpu_linear.linear_bf16(x, weight)
+        return out if out is not None else F.linear(x, weight)
+    if weight.dtype != torch.float32:
         return F.linear(x, weight)
     return torch.mm(weight, x.t()).t().contiguous()
+
+
+def rms_norm(norm: nn.RMSNorm, x: torch.Tensor, residual: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(s), s) for s = x + residual, or s = x without a residual: on CPU bf16 one C call
+    (engine/cpu/norm.py), else PyTorch's ops. A norm with hooks (calibration watches the
+    norms' outputs) always runs as a module, so the hooks fire."""
+    if not (norm._forward_hooks or norm._forward_pre_hooks):
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        fused = cpu_norm.rms_norm_bf16(x, norm.weight, eps, residual)
+        if fused is not None:
+            normed, total = fused
+            return normed, x if total is None else total
+    total = x if residual is None else x + residual
+    return norm(total), total
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -102,8 +125,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attention: Attention, metadata: list[AttentionMetadata]) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, attention, metadata)  # (T, C)
-        return x + self.mlp(self.mlp_norm(x))  # (T, C)
+        h = self.attn(rms_norm(self.attn_norm, x)[0], cos, sin, attention, metadata)  # (T, C)
+        normed, x = rms_norm(self.mlp_norm, h, residual=x)  # norm(x + h), x + h
+        return x + self.mlp(normed)  # (T, C)
 
 
 class Llama(nn.Module):
@@ -145,7 +169,7 @@ class Llama(nn.Module):
         sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)  # (T, 1, D)
         for layer in self.layers:
             x = layer(x, cos, sin, attention[layer.layer], metadata)  # (T, C)
-        return self.norm(x)  # (T, C)
+        return rms_norm(self.norm, x)[0]  # (T, C)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, C) -> fp32 logits (N, V). Only call it on the rows you sample from: the

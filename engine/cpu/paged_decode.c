@@ -4,8 +4,9 @@
  * quantized block is dequantized into a small per-thread buffer inside the block loop, and a
  * request's open last block is read from the full-precision residual.
  *
- * Built and loaded with ctypes by engine/attention/cpu_kernel.py (gcc -O3 -march=native
- * -pthread -fopenmp-simd, no -ffast-math: results must match the PyTorch path to ~1e-5).
+ * Built into the lab's CPU library with the worker pool (engine/cpu/library.py: gcc -O3
+ * -march=native -pthread -fopenmp-simd, no -ffast-math: results must match the PyTorch path to
+ * ~1e-5) and called through engine/attention/cpu_kernel.py.
  *
  * Work is split over (request, kv head) items, optionally cut along the context into splits
  * (flash-decoding) when there are too few items to keep every thread busy. An item handles the
@@ -14,13 +15,12 @@
  * rescaled once per block, not per token.
  */
 #include <math.h>
-#include <pthread.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+
+#include "pool.h"
 
 /* gcc left the per-block helpers out of line when merely `inline`: ~10 % slower, measured */
 #define INLINE static inline __attribute__((always_inline))
@@ -246,19 +246,10 @@ static int num_splits(int pairs, int nthreads, int max_ctx) {
     return want < 1 ? 1 : want;
 }
 
-/* ---- Work items, and who runs them --------------------------------------------------------
+/* ---- Work items ---------------------------------------------------------------------------
  *
- * A call is cut into items ((request, kv head, context split) triples) claimed one at a time.
- * The calling thread claims items itself and helper threads join if they are awake in time
- * ("help first"): the call waits only for items a helper has actually claimed, never for a
- * helper to arrive. With OpenMP's fork/join, every call (one per layer per decode step) ended
- * in a barrier that waited for every thread; when another process held the second core, that
- * thread was descheduled and each barrier cost a scheduler time slice, which made the kernel
- * 2.7-2.9x slower than SDPA on a busy 2-core machine (bench/paged_attention.py --busy).
- *
- * Claims are tagged with the job's generation (one 64-bit atomic: generation << 32 | next
- * item), so a helper that wakes late cannot claim an item of a later job with a stale view.
- * Calls are serialised by a mutex: concurrent engines in one process share the helpers. */
+ * A call is cut into items ((request, kv head, context split) triples) that the shared worker
+ * pool (engine/cpu/pool.c) runs on the calling thread and its helpers. */
 
 typedef struct {
     const Cache *c;
@@ -270,7 +261,8 @@ typedef struct {
     float scale;
 } Job;
 
-static void run_item(const Job *job, int w, float *scratch, atomic_int *status) {
+static void run_item(const void *arg, int w, float *scratch, atomic_int *status) {
+    const Job *job = arg;
     const Cache *c = job->c;
     const int G = job->G, D = c->D, bs = c->bs, splits = job->splits, Hk = job->Hk, H = job->H;
     float *qs = scratch, *s = qs + (size_t)G * D, *own = s + (size_t)G * bs;
@@ -293,81 +285,6 @@ static void run_item(const Job *job, int w, float *scratch, atomic_int *status) 
     for (int g = 0; g < G; g++) { /* an empty context (l = 0) yields zeros, not NaN */
         const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;
         for (int d = 0; d < D; d++) o[g * D + d] = acc[g * D + d] * inv;
-    }
-}
-
-#define MAX_HELPERS 64
-#define SPIN_POLLS 2000 /* polls of the caller before it yields its core to a helper */
-/* A helper stays awake this long after a job, yielding between polls, before it sleeps. A
- * decode step calls once per layer, a fraction of a millisecond apart; a helper that slept in
- * between woke too late to take a share of the next call (the idle vCPU halts, and waking it
- * costs more than the call), which made the kernel up to 2x slower on a quiet machine. The
- * yield leaves the core to any other runnable thread (torch's own) while it waits. */
-#define HELPER_AWAKE_NS 300000
-
-static struct {
-    pthread_mutex_t call;         /* one call at a time */
-    pthread_mutex_t mu;           /* guards job, generation, stop and the helpers' wake-up */
-    pthread_cond_t wake;
-    Job job;                      /* the current call's job (written under mu) */
-    uint32_t generation;
-    _Atomic uint32_t published;   /* = generation, readable without mu by a helper awake */
-    _Atomic uint64_t claim;       /* generation << 32 | next item */
-    atomic_int done;              /* items of the current generation finished */
-    atomic_int status;
-    int helpers;
-    pthread_t threads[MAX_HELPERS];
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
-
-/* Claim one item of generation `gen`, or -1 when it has none left (or a newer job began). */
-static int claim(uint32_t gen, int items) {
-    uint64_t v = atomic_load(&pool.claim);
-    for (;;) {
-        if ((uint32_t)(v >> 32) != gen || (int)(uint32_t)v >= items) return -1;
-        if (atomic_compare_exchange_weak(&pool.claim, &v, v + 1)) return (int)(uint32_t)v;
-    }
-}
-
-static int64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-static void *helper_main(void *arg) {
-    (void)arg;
-    float *scratch = NULL;
-    size_t have = 0;
-    uint32_t seen = 0;
-    for (;;) {
-        for (const int64_t until = now_ns() + HELPER_AWAKE_NS;
-             atomic_load(&pool.published) == seen && now_ns() < until;)
-            sched_yield();
-        pthread_mutex_lock(&pool.mu);
-        while (pool.generation == seen) pthread_cond_wait(&pool.wake, &pool.mu);
-        const Job job = pool.job; /* a snapshot: valid for the generation it was read in */
-        const uint32_t gen = seen = pool.generation;
-        pthread_mutex_unlock(&pool.mu);
-        if (job.scratch > have) {
-            free(scratch);
-            have = job.scratch;
-            if (!(scratch = malloc(sizeof(float) * have))) have = 0;
-        }
-        if (!have) continue; /* out of memory: leave the items to the caller */
-        for (int w; (w = claim(gen, job.items)) >= 0;) {
-            run_item(&job, w, scratch, &pool.status);
-            atomic_fetch_add(&pool.done, 1);
-        }
-    }
-    return NULL;
-}
-
-static void start_helpers(int wanted) {
-    if (wanted > MAX_HELPERS) wanted = MAX_HELPERS;
-    while (pool.helpers < wanted) {
-        if (pthread_create(&pool.threads[pool.helpers], NULL, helper_main, NULL) != 0) break;
-        pthread_detach(pool.threads[pool.helpers]);
-        pool.helpers++;
     }
 }
 
@@ -416,38 +333,11 @@ static int decode(const Cache *c, const float *q, const int64_t *context_lens, f
     /* per thread: pre-scaled queries, block scores, a split's state, dequantized rows */
     job.scratch = (size_t)G * D + (size_t)G * bs + job.part +
                   (c->format == FMT_F32 ? 0 : 2 * (size_t)bs * D);
-    float *mine = malloc(sizeof(float) * job.scratch);
-    if (!mine) return -1;
-    if (job.splits > 1 && !(job.parts = malloc(sizeof(float) * job.part * job.items))) {
-        free(mine);
+    if (job.splits > 1 && !(job.parts = malloc(sizeof(float) * job.part * job.items)))
         return -1;
-    }
-    pthread_mutex_lock(&pool.call);
-    atomic_store(&pool.status, 0);
-    atomic_store(&pool.done, 0);
-    uint32_t gen = 0;
-    const int helpers = job.items > 1 ? nthreads - 1 : 0;
-    pthread_mutex_lock(&pool.mu);
-    pool.job = job;
-    gen = ++pool.generation;
-    atomic_store(&pool.claim, (uint64_t)gen << 32);
-    atomic_store(&pool.published, gen);
-    if (helpers > 0) {
-        start_helpers(helpers);
-        pthread_cond_broadcast(&pool.wake);
-    }
-    pthread_mutex_unlock(&pool.mu);
-    int finished = 0;
-    for (int w; (w = claim(gen, job.items)) >= 0; finished++) run_item(&job, w, mine, &pool.status);
-    atomic_fetch_add(&pool.done, finished);
-    /* only items a helper claimed are waited for; yield so a descheduled helper can run */
-    for (int spins = 0; atomic_load(&pool.done) < job.items; spins++)
-        if (spins > SPIN_POLLS) sched_yield();
-    const int status = atomic_load(&pool.status);
-    pthread_mutex_unlock(&pool.call);
+    const int status = pool_run(run_item, &job, job.items, job.scratch, nthreads);
     if (job.splits > 1) merge_splits(&job, B);
     free(job.parts);
-    free(mine);
     return status;
 }
 

@@ -1,0 +1,108 @@
+/* y = x @ w.T for bf16 x (M, K), w (N, K) and y (M, N), with fp32 accumulation: the decode
+ * step's matmuls on CPUs with AVX512-BF16.
+ *
+ * Why a kernel: a decode step at small batch is a row of GEMVs whose time is reading the
+ * weights once. PyTorch's CPU bf16 matmul (oneDNN) read SmolLM2's weights at 13-19 GB/s on the
+ * 2-core EPYC VMs, against ~50 GB/s for a plain read (bench/roofline.py). Here each item
+ * streams a run of weight rows once, with VDPBF16PS (32 bf16 products a 512-bit instruction
+ * into 16 fp32 sums); the few activation rows stay in L1 and are reused for every weight row.
+ *
+ * Items are runs of output rows for the shared worker pool (pool.c). Results
+ * are rounded to bf16 nearest-even, as PyTorch rounds its fp32 accumulators; only the order of
+ * the additions differs, so a result may differ from F.linear's in its last bf16 bit.
+ *
+ * On a CPU without AVX512-BF16 (the code is built -march=native) `linear_bf16` returns -2 and
+ * the caller keeps F.linear. */
+#include <stdint.h>
+#include <string.h>
+
+#include "pool.h"
+
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+
+/* activation rows sharing one pass over a weight row: two accumulators each (even and odd
+ * 32-wide chunks, so a row's sum is two dependency chains, not one), 2 * XS + 2 registers */
+#define XS 4
+
+typedef struct {
+    const uint16_t *x, *w;
+    uint16_t *y;
+    int M, N, K, rows_per_item;
+} Linear;
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even */
+    return (uint16_t)(u >> 16);
+}
+
+#define LOAD(p) ((__m512bh)_mm512_loadu_si512(p))
+#define LOAD_TAIL(mask, p) ((__m512bh)_mm512_maskz_loadu_epi16(mask, p))
+
+/* One weight row against activation rows [m0, m0 + xs): the row is read from memory once
+ * (for the first group; from L1 after) in order. Reading one row at a time, start to end, is
+ * what keeps the hardware prefetcher ahead: interleaving four rows' chunks measured 20 GB/s
+ * where this reads 26, the same as a plain sum over the weights. */
+static void row_dot(const Linear *a, const uint16_t *w, int n, int m0, int xs) {
+    const int K = a->K, K64 = K & ~63, K32 = K & ~31;
+    const __mmask32 tail = (__mmask32)((1ull << (K - K32)) - 1);
+    __m512 even[XS], odd[XS];
+    for (int j = 0; j < xs; j++) even[j] = odd[j] = _mm512_setzero_ps();
+    const uint16_t *x = a->x + (int64_t)m0 * K;
+    int k = 0;
+    for (; k < K64; k += 64) {
+        const __m512bh w0 = LOAD(w + k), w1 = LOAD(w + k + 32);
+        for (int j = 0; j < xs; j++) {
+            even[j] = _mm512_dpbf16_ps(even[j], w0, LOAD(x + (int64_t)j * K + k));
+            odd[j] = _mm512_dpbf16_ps(odd[j], w1, LOAD(x + (int64_t)j * K + k + 32));
+        }
+    }
+    if (k < K32) {
+        const __m512bh w0 = LOAD(w + k);
+        for (int j = 0; j < xs; j++)
+            even[j] = _mm512_dpbf16_ps(even[j], w0, LOAD(x + (int64_t)j * K + k));
+        k += 32;
+    }
+    if (tail) {
+        const __m512bh w0 = LOAD_TAIL(tail, w + k);
+        for (int j = 0; j < xs; j++)
+            odd[j] = _mm512_dpbf16_ps(odd[j], w0, LOAD_TAIL(tail, x + (int64_t)j * K + k));
+    }
+    for (int j = 0; j < xs; j++)
+        a->y[(int64_t)(m0 + j) * a->N + n] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(even[j], odd[j])));
+}
+
+static void run_rows(const void *ctx, int item, float *scratch, atomic_int *status) {
+    (void)scratch, (void)status;
+    const Linear *a = ctx;
+    const int n0 = item * a->rows_per_item;
+    const int n1 = n0 + a->rows_per_item < a->N ? n0 + a->rows_per_item : a->N;
+    for (int n = n0; n < n1; n++)
+        for (int m0 = 0; m0 < a->M; m0 += XS)
+            row_dot(a, a->w + (int64_t)n * a->K, n, m0, a->M - m0 < XS ? a->M - m0 : XS);
+}
+
+/* x (M, K), w (N, K), y (M, N), all contiguous bf16 bit patterns. Returns 0, or -1 when the
+ * pool could not allocate. */
+int linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int N, int K,
+                int nthreads) {
+    /* ~8 items a thread so an item left to a descheduled helper costs little, but no item
+     * under 64 rows: each item sets up its own accumulators and claim */
+    int per = (N + 8 * nthreads - 1) / (8 * nthreads);
+    per = per < 64 ? 64 : per;
+    const Linear a = {x, w, y, M, N, K, per};
+    return pool_run(run_rows, &a, (N + per - 1) / per, 0, nthreads);
+}
+
+#else
+
+int linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int N, int K,
+                int nthreads) {
+    (void)x, (void)w, (void)y, (void)M, (void)N, (void)K, (void)nthreads;
+    return -2; /* built for a CPU without AVX512-BF16 */
+}
+
+#endif
