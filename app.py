@@ -2,9 +2,10 @@
 
 import streamlit as st
 
+from ui import format as fmt
 from ui import resources, session, widgets
 
-st.set_page_config(page_title="KV Cache Lab", page_icon="🧱", layout="wide")
+st.set_page_config(page_title="KV Cache Lab", page_icon=":material/view_module:", layout="wide")
 session.init_state()
 widgets.sidebar_nav()
 if "demo_open_replay" not in st.session_state:
@@ -22,19 +23,27 @@ st.markdown(
 
 live = session.live_run()
 demo = live if live is not None and session.DEMO_TAG in live.tags else None
+config = session.demo_config()  # what is shown is what runs: the same object
 
 left, right = st.columns([2, 3])
 with left:
     clicked = st.button(
-        "Run the demo", type="primary", icon="▶️", disabled=session.is_running(),
-        help="Eight chats sharing a system prompt on the bundled SmolLM2-135M; opens the "
-             "replay when done (about a minute on a laptop CPU)")
+        "Run the demo", type="primary", icon=":material/play_arrow:",
+        disabled=session.is_running(),
+        help="Eight chats on the bundled SmolLM2-135M in a cache too small for them all; opens "
+             "the replay when done (well under a minute on a laptop CPU)")
 with right:
-    st.caption("The demo serves 8 chat requests that share a ~256-token system prompt in a "
-               "64-block cache, so prefix hits, block sharing and reuse all show in the replay.")
+    st.caption(
+        f"The demo serves the `{config.workload.name}` workload, {config.model} on "
+        f"{config.device} (auto: a GPU if there is one): three chats sharing a ~270-token "
+        f"system prompt, two without it, then three with it again, {config.max_num_seqs} "
+        f"running at most in {config.num_blocks} blocks of {config.block_size} tokens. So it "
+        "shows prefix sharing (ref counts above 1), LRU eviction of cached free blocks, a "
+        "preemption and its recompute, and prefix re-hits after eviction.")
+    with st.expander("the demo's settings"):
+        st.json(config.to_dict(), expanded=False)
 if clicked:
-    session.start_run(session.demo_config(), name="demo: shared prefix",
-                      tags=(session.DEMO_TAG,))
+    session.start_run(config, name="demo: eviction and preemption", tags=(session.DEMO_TAG,))
     st.session_state.demo_open_replay = True
     st.rerun()
 
@@ -42,23 +51,31 @@ if demo is not None:
     if not demo.done:
         widgets.live_run_panel(demo, show_charts=False, key="demo")
     elif demo.phase == "failed":
-        st.error(f"The demo failed: {demo.error}")
+        widgets.run_failure(demo.error, demo.traceback, what="The demo")
     elif st.session_state.demo_open_replay and demo.run_id is not None:
         st.session_state.demo_open_replay = False
         st.switch_page(widgets.REPLAY_PAGE, query_params={"run": str(demo.run_id)})
     elif demo.run_id is not None:
         widgets.replay_link(demo.run_id, "Open the demo's replay")
+others = [r for r in session.active_runs() if r is not demo]
+if others:
+    st.subheader("Running now")
+    widgets.other_runs_panel(others, key="home_running")
 
 st.subheader("Latest runs")
 runs = resources.list_runs(limit=10)
 if runs.empty:
-    st.info("No runs yet. **Run the demo** above, or set up your own in Experiment.", icon="👆")
+    st.info("No runs yet. **Run the demo** above, or set up your own in Experiment.",
+            icon=":material/arrow_upward:")
 else:
     widgets.runs_table(runs)
-    st.caption("Open a replay:")
+    st.caption(f"Open a replay ({fmt.count(len(runs))} latest; rename or delete a run on its "
+               "replay):")
     for col, (_, row) in zip(st.columns(5), runs.head(5).iterrows(), strict=False):
         with col:
-            widgets.replay_link(int(row["run_id"]), f"#{row['run_id']} {row['name'] or ''}")
+            imported = " · imported" if row.get("imported") is True else ""
+            widgets.replay_link(int(row["run_id"]),
+                                f"#{row['run_id']} {row['name'] or ''}{imported}")
 
 with st.expander("Import a run from a trace file"):
     imported = widgets.upload_run_widget(key="home_import")
@@ -67,6 +84,9 @@ with st.expander("Import a run from a trace file"):
 
 st.divider()
 c = st.columns(3)
-c[0].page_link(widgets.EXPERIMENT_PAGE, label="Experiment: run your own settings", icon="🧪")
-c[1].page_link(widgets.REPLAY_PAGE, label="Replay: step through a run", icon="🎞️")
-c[2].page_link(widgets.COMPARE_PAGE, label="Compare: runs side by side", icon="⚖️")
+c[0].page_link(widgets.EXPERIMENT_PAGE, label="Experiment: run your own settings",
+               icon=":material/science:")
+c[1].page_link(widgets.REPLAY_PAGE, label="Replay: step through a run",
+               icon=":material/slideshow:")
+c[2].page_link(widgets.COMPARE_PAGE, label="Compare: runs side by side",
+               icon=":material/compare_arrows:")

@@ -135,6 +135,30 @@ def _shared_prefix_demo(seed: int) -> list[WorkloadRequest]:
             for i, question in enumerate(questions[:8])]
 
 
+def _demo_waves(seed: int) -> list[WorkloadRequest]:
+    # The home page's demo, sized with its config (ui/session.demo_config: 36 blocks of 16
+    # tokens, six requests running at most, EOS ignored so every machine makes the same steps).
+    # Three chats share the system prompt (ref counts above 1), two without it push the cache
+    # past its size (LRU eviction of cached free blocks, a preemption and its recompute), then
+    # three more with the system prompt re-hit the blocks that survived. The first request
+    # arrives alone so that its prefill caches the system prompt before anyone looks it up.
+    text = (DATA_DIR / "shared_system_prompt.txt").read_text(encoding="utf-8")
+    system = "\n\n".join(" ".join(p.split()) for p in text.split("\n\n"))
+    questions = iter(r.messages[-1] for r in bundled_prompts()
+                     if r.messages and len(r.messages) == 1)
+    requests: list[WorkloadRequest] = []
+    for count, shared in DEMO_WAVES:
+        for _ in range(count):
+            question = next(questions)
+            messages = [{"role": "system", "content": system}, question] if shared else [question]
+            requests.append(WorkloadRequest(request_id=len(requests), messages=messages,
+                                            max_tokens=8, arrival=0.05 if requests else 0.0))
+    return requests
+
+
+DEMO_WAVES = ((3, True), (2, False), (3, True))  # (chats, with the shared system prompt)
+
+
 PRESETS: dict[str, Preset] = {
     "shared-prefix": Preset("8 chat requests sharing a ~256-token system prompt; 32 tokens "
                             "out each (the prefix-caching demo)", _shared_prefix_demo),
@@ -153,6 +177,10 @@ PRESETS: dict[str, Preset] = {
                        num_requests=64, arrival_rate=2.0, prompt_len_min=64,
                        prompt_len_max=512, output_len_min=192, output_len_max=320,
                        num_prefix_groups=4, shared_prefix_len=128),
+    "demo": Preset("8 chats in three waves (3 with the shared system prompt, 2 without, 3 "
+                   "with it again), 8 tokens out each: in a small cache they show prefix "
+                   "sharing, LRU eviction, a preemption and re-hits (the home page's demo)",
+                   _demo_waves),
 }
 
 

@@ -3,9 +3,11 @@
 import streamlit as st
 
 from store import StoreError
-from ui import block_grid, charts, resources, session, widgets
+from ui import analysis, replay_view, resources, session, timeline, widgets
+from ui.replay_view import STEP_KEY
 
-st.set_page_config(page_title="Replay · KV Cache Lab", page_icon="🎞️", layout="wide")
+st.set_page_config(page_title="Replay · KV Cache Lab", page_icon=":material/slideshow:",
+                   layout="wide")
 session.init_state()
 widgets.sidebar_nav()
 if "replay_playing" not in st.session_state:
@@ -14,12 +16,14 @@ SPEEDS = (1, 5, 25, 100)
 
 st.title("Replay")
 with st.sidebar:
-    widgets.upload_run_widget(key="replay_import")
+    imported = widgets.upload_run_widget(key="replay_import")
+    if imported is not None:
+        widgets.replay_link(imported, f"Open run #{imported}")
 runs = resources.list_runs()
 if runs.empty:
     st.info("No runs stored yet: run the demo on the home page or a run in Experiment.",
-            icon="💡")
-    st.page_link("app.py", label="Home: run the demo", icon="🏠")
+            icon=":material/lightbulb:")
+    st.page_link("app.py", label="Home: run the demo", icon=":material/home:")
     st.stop()
 
 top = st.columns([4, 1, 1])
@@ -33,10 +37,11 @@ with top[1]:
     widgets.download_run_button(run_id)
 with top[2]:
     st.write("")
-    st.page_link(widgets.COMPARE_PAGE, label="Compare runs", icon="⚖️")
+    st.page_link(widgets.COMPARE_PAGE, label="Compare runs", icon=":material/compare_arrows:")
 
-st.caption(f"{info.status} · model {info.model or info.config.model} · device {info.device} · "
-           f"{info.summary.get('num_blocks', info.config.resolved_num_blocks)} blocks of "
+st.caption(f"{info.status}{' (imported)' if info.imported else ''} · model "
+           f"{info.model or info.config.model} · device {info.device} · "
+           f"{info.summary.get('num_blocks', info.config.resolved_num_blocks):,} blocks of "
            f"{info.config.block_size} tokens · "
            f"{len(info.config.kv_groups())} KV cache group(s), policy {info.config.policy} · "
            f"prefix caching {'on' if info.config.enable_prefix_caching else 'off'} · "
@@ -44,67 +49,85 @@ st.caption(f"{info.status} · model {info.model or info.config.model} · device 
 with st.expander("Summary and settings"):
     widgets.summary_metrics(info.summary)
     if info.error:
-        st.error(info.error)
+        widgets.run_failure(widgets.error_line(info.error), info.error)
     st.json(info.config.to_dict(), expanded=False)
+with st.expander("Rename or delete"):
+    widgets.manage_run(info, key="replay_manage")
 
 if steps.empty:
-    st.warning("This run recorded no steps.")
+    st.warning("This run recorded no steps yet." if info.status == "running" else
+               "This run recorded no steps.")
+    replay_view.follow(run_id, info.status, 0)
     st.stop()
 first, last = int(steps["step"].min()), int(steps["step"].max())
+events = resources.request_events(run_id, rev)
+story = analysis.story(steps, events) if session.DEMO_TAG in info.tags else None
 # Keyed on the run only: a run still being written grows every few seconds, and that must not
-# send the slider back to step 1 or stop playback. The clamp keeps the step within the steps so far.
-if st.session_state.get("replay_for") != run_id:  # a new run: start at its first step
-    st.session_state.replay_step = first
+# send the slider back to the start or stop playback. The clamp keeps the step within the run.
+if st.session_state.get("replay_for") != run_id:  # a new run: where to start
+    wanted = st.query_params.get("step")
+    start = int(wanted) if wanted and wanted.isdigit() else story[0] if story else first
+    st.session_state[STEP_KEY] = start
     st.session_state.replay_for = run_id
     st.session_state.replay_playing = False
-st.session_state.replay_step = min(max(st.session_state.get("replay_step", first), first), last)
+    for key in ("replay_block", "replay_request", "replay_zoom", "replay_page"):
+        st.session_state.pop(key, None)
+if st.session_state.get(replay_view.FOLLOW_KEY) and info.status == "running":
+    st.session_state[STEP_KEY] = last
+st.session_state[STEP_KEY] = min(max(st.session_state.get(STEP_KEY, first), first), last)
+replay_view.follow(run_id, info.status, last)
+if story is not None:
+    st.info(story[1], icon=":material/lightbulb:")
 
 
 def toggle_play() -> None:
     st.session_state.replay_playing = not st.session_state.replay_playing
-    if st.session_state.replay_step >= last:  # play from the start again
-        st.session_state.replay_step = first
+    if st.session_state[STEP_KEY] >= last:  # play from the start again
+        st.session_state[STEP_KEY] = first
 
 
-controls = st.columns([1, 1, 6])
+controls = st.columns([1, 1, 3, 3])
 playing = st.session_state.replay_playing
-controls[0].button("Pause" if playing else "Play", icon="⏸️" if playing else "▶️",
+controls[0].button("Pause" if playing else "Play",
+                   icon=":material/pause:" if playing else ":material/play_arrow:",
                    on_click=toggle_play, key="replay_play", width="stretch")
 speed = controls[1].selectbox("steps per tick", SPEEDS, key="replay_speed",
                               label_visibility="collapsed",
                               format_func=lambda s: f"{s} step{'s' if s > 1 else ''}/tick")
-events = resources.request_events(run_id, rev)
-lanes = block_grid.group_labels(info.config)  # one grid lane per KV cache group
-specs = {name: resources.run_chart_spec(run_id, rev, name, last)
-         for name in ("tokens_per_s", "blocks", "hit_rate", "evictions", "requests")}
+x = controls[3].radio("charts over", list(replay_view.X_AXES), key="replay_x",
+                      horizontal=True, format_func=replay_view.X_AXES.get)
+specs = replay_view.chart_specs(run_id, rev, last, x)
+segments = resources.request_segments(run_id, rev, last)
+num_requests = int(segments["request_id"].nunique()) if not segments.empty else 0
+created = info.created_at.isoformat()
+
 
 @st.fragment(run_every=0.5 if playing else None)
 def step_view() -> None:
     if st.session_state.replay_playing:
-        nxt = st.session_state.replay_step + speed
+        nxt = st.session_state[STEP_KEY] + speed
         if nxt > last:
             st.session_state.replay_playing = False
             st.rerun(scope="app")
-        st.session_state.replay_step = nxt
-    step = st.slider("step", first, last, key="replay_step")
+        st.session_state[STEP_KEY] = nxt
+    replay_view.navigation(run_id, rev, first, last)
+    step = st.slider("step", first, last, key=STEP_KEY)
     try:
         state = resources.block_state_at(run_id, step, rev)
     except StoreError as e:  # e.g. a trace without keyframes
         st.error(f"The block state of step {step} cannot be rebuilt: {e}")
         return
+    holders = resources.holders_at(run_id, step, created)
+    step_events = resources.block_events_at(run_id, step, rev)
     row = steps.loc[steps["step"] == step]
     grid_col, side = st.columns([3, 2])
     with grid_col:
-        frame = block_grid.block_frame(state, group_labels=lanes)
-        st.vega_lite_chart(block_grid.block_grid_spec(frame, title=f"KV blocks after step {step}"),
-                           width="content")
+        replay_view.grid(info, state, holders, step_events, step)
     with side:
         if not row.empty:
             st.markdown(widgets.step_figures(row.iloc[0]))
-        queue = block_grid.free_queue_frame(state)
-        st.vega_lite_chart(block_grid.free_queue_spec(queue), width="content")
+        replay_view.free_queue(state, row)
         st.markdown(f"**Events of step {step}**")
-        step_events = resources.block_events_at(run_id, step, rev)
         req_events = events.loc[events["step"] == step, ["request_id", "label", "kind"]]
         if step_events.empty and req_events.empty:
             st.caption("No block or request events in this step.")
@@ -113,11 +136,14 @@ def step_view() -> None:
                          column_config={"kind": "request event", "label": "file id"})
         if not step_events.empty:
             st.dataframe(step_events.drop(columns=["step"]), hide_index=True)
-    left, right = st.columns(2)
-    for i, name in enumerate(("tokens_per_s", "blocks", "hit_rate", "evictions")):
-        with left if i % 2 == 0 else right:
-            st.vega_lite_chart(charts.with_step_rule(specs[name], step), width="stretch")
-    st.vega_lite_chart(charts.with_step_rule(specs["requests"], step, color="#111827"),
-                       width="stretch")
+    replay_view.inspector(info, state, holders, step_events)
+    t = float(row["t"].iloc[0]) if not row.empty else 0.0
+    replay_view.charts_at(specs, step, t, x)
+    replay_view.request_timeline(run_id, rev, last, step, timeline.num_pages(segments),
+                                 num_requests)
+
 
 step_view()
+
+st.subheader("Requests")
+replay_view.request_table(run_id, rev)

@@ -4,7 +4,8 @@ import streamlit as st
 
 from ui import analysis, charts, resources, session, widgets
 
-st.set_page_config(page_title="Compare · KV Cache Lab", page_icon="⚖️", layout="wide")
+st.set_page_config(page_title="Compare · KV Cache Lab", page_icon=":material/compare_arrows:",
+                   layout="wide")
 session.init_state()
 widgets.sidebar_nav()
 
@@ -12,8 +13,8 @@ st.title("Compare")
 runs = resources.list_runs()
 if len(runs) < 2:
     st.info("Comparing needs at least two stored runs: run the demo, then change a setting "
-            "in Experiment (say, prefix caching off) and run again.", icon="💡")
-    st.page_link(widgets.EXPERIMENT_PAGE, label="Experiment", icon="🧪")
+            "in Experiment (say, prefix caching off) and run again.", icon=":material/lightbulb:")
+    st.page_link(widgets.EXPERIMENT_PAGE, label="Experiment", icon=":material/science:")
     st.stop()
 
 labels = {int(r["run_id"]): resources.run_label(r) for _, r in runs.iterrows()}
@@ -34,6 +35,8 @@ names = {run_id: f"#{run_id} {infos[run_id].name or infos[run_id].config.workloa
 series = analysis.stack_runs({names[r]: resources.step_series(r, revs[r]) for r in selected})
 
 st.subheader("Settings that differ")
+st.caption("What was chosen for each run: a workload file by its name, and only the settings "
+           "of each run's own kind of workload.")
 diff = analysis.config_diff({names[r]: infos[r].config.to_dict() for r in selected})
 if diff.empty:
     st.caption("The runs have identical settings.")

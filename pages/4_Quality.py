@@ -6,7 +6,8 @@ from engine.config import KV_DTYPES, ConfigError, RunConfig
 from engine.models.config import MODEL_CONFIGS
 from ui import quality_view, resources, session, widgets
 
-st.set_page_config(page_title="Quality · KV Cache Lab", page_icon="📉", layout="wide")
+st.set_page_config(page_title="Quality · KV Cache Lab", page_icon=":material/query_stats:",
+                   layout="wide")
 session.init_state()
 widgets.sidebar_nav()
 JOB_KEY = "quality_job"
@@ -22,7 +23,7 @@ st.caption("Each point is one evaluation: the bundled held set (public-domain pr
 results = resources.quality_results()
 if results.empty:
     st.info("No evaluations stored yet: run one below, or `python cli.py quality --kv-dtype "
-            "int8`.", icon="💡")
+            "int8`.", icon=":material/lightbulb:")
 else:
     left, right = st.columns([3, 2])
     with left:
@@ -61,7 +62,7 @@ except ConfigError as exc:
 if problem is None and int(num_scored) >= int(context):
     problem = "scored tokens: must be fewer than the context"
 if problem:
-    st.error(problem, icon="⚠️")
+    st.error(problem, icon=":material/warning:")
 
 job = st.session_state[JOB_KEY]
 busy = job is not None and not job.done
@@ -81,7 +82,7 @@ def job_panel() -> None:
         st.progress(job.fraction, text=f"{job.phase}: {100 * job.fraction:.0f} %")
         return
     if job.error:
-        st.error(f"The evaluation failed: {job.error}", icon="🚫")
+        st.error(f"The evaluation failed: {job.error}", icon=":material/error:")
         if job.details:
             with st.expander("details"):
                 st.code(job.details)
@@ -89,7 +90,7 @@ def job_panel() -> None:
         f = job.figures
         st.success(f"Result {job.result_id}: KL {f['kl_mean']:.5f}, top-1 "
                    f"{100 * f['top1']:.2f} %, {f['kv_bytes_per_token']:,.0f} bytes per token.",
-                   icon="✅")
+                   icon=":material/check_circle:")
     if busy:  # it just finished: redraw the page so the chart shows the new point
         resources.refresh_quality()
         st.rerun(scope="app")

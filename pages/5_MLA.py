@@ -7,7 +7,7 @@ from engine.config import ConfigError, parse_bytes
 from engine.models.mla_shapes import SHAPES
 from ui import mla_view, resources, session, widgets
 
-st.set_page_config(page_title="MLA · KV Cache Lab", page_icon="🧬", layout="wide")
+st.set_page_config(page_title="MLA · KV Cache Lab", page_icon=":material/compress:", layout="wide")
 session.init_state()
 widgets.sidebar_nav()
 
@@ -30,7 +30,7 @@ budget_text = c[3].text_input("memory budget", "8GiB", key="mla_budget")
 try:
     budget = parse_bytes(budget_text)
 except ConfigError as exc:
-    st.error(f"{exc}", icon="⚠️")
+    st.error(f"{exc}", icon=":material/warning:")
     budget = parse_bytes("8GiB")
 
 table = mla_view.footprint(shape, kv_dtype, budget, int(gqa_heads))
@@ -63,7 +63,8 @@ conv = mla_view.conversion_results(resources.quality_results())
 if conv.empty:
     st.info("No converted model measured yet: `python cli.py convert-mla --rank 64 "
             "--rope-dims 16`, then `python cli.py quality --model "
-            "data/models/smollm2-mla-r64-d16 --context 1024 --num-scored 128`.", icon="💡")
+            "data/models/smollm2-mla-r64-d16 --context 1024 --num-scored 128`.",
+            icon=":material/lightbulb:")
 else:
     if (conv["source"] == "README").all():
         st.caption("Figures from README.md (none of this store's evaluations is of a "

@@ -5,7 +5,8 @@ import streamlit as st
 
 from ui import hardware_view, resources, session, widgets
 
-st.set_page_config(page_title="Hardware · KV Cache Lab", page_icon="🖥️", layout="wide")
+st.set_page_config(page_title="Hardware · KV Cache Lab", page_icon=":material/memory:",
+                   layout="wide")
 session.init_state()
 widgets.sidebar_nav()
 
@@ -13,7 +14,7 @@ st.title("Hardware")
 runs = resources.list_runs()
 if runs.empty:
     st.info("No runs stored yet: run the demo on the home page or a run in Experiment.",
-            icon="💡")
+            icon=":material/lightbulb:")
     st.stop()
 run_id = widgets.pick_run(runs, key="hardware_run")
 rev = resources.run_rev(runs, run_id)
@@ -28,7 +29,7 @@ if device:
     st.caption(f"**{device.get('name')}** · {memory / 2**30:,.1f} GiB · {what} · measured read "
                f"bandwidth {(summary.get('bandwidth_bytes_per_s') or 0) / 1e9:,.1f} GB/s")
 if summary.get("gpu_note"):
-    st.info(summary["gpu_note"], icon="ℹ️")  # said once for the run, not per chart
+    st.info(summary["gpu_note"], icon=":material/info:")  # said once for the run, not per chart
 
 profile = summary.get("memory_profile") or {}
 if profile:

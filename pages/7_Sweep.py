@@ -5,7 +5,7 @@ import streamlit as st
 from ui import config_form, resources, session, sweep_form, sweep_view, widgets
 from ui.live_sweep import LiveSweep
 
-st.set_page_config(page_title="Sweep · KV Cache Lab", page_icon="🧮", layout="wide")
+st.set_page_config(page_title="Sweep · KV Cache Lab", page_icon=":material/tune:", layout="wide")
 session.init_state()
 widgets.sidebar_nav()
 LIVE_KEY = "sweep_live"
@@ -38,8 +38,8 @@ with new:
     busy = live is not None and not live.done
     if busy:
         st.caption("A sweep is running; stop it or wait for it to finish to start another.")
-    if st.button("Launch on local Ray", type="primary", icon="🚀", key="sweep_launch",
-                 disabled=spec is None or busy):
+    if st.button("Launch on local Ray", type="primary", icon=":material/rocket_launch:",
+                 key="sweep_launch", disabled=spec is None or busy):
         st.session_state[LIVE_KEY] = LiveSweep(resources.get_store(), spec,
                                                max_parallel=axes.max_parallel).start()
         st.session_state["sweep_pick"] = st.session_state[LIVE_KEY].sweep_id
@@ -50,7 +50,8 @@ with results:
     sweeps = resources.list_sweeps()
     if sweeps.empty:
         st.info("No sweeps yet: set one up under **New sweep**, or run "
-                "`python cli.py sweep --base config.json --axis block_size=8,16,32`.", icon="💡")
+                "`python cli.py sweep --base config.json --axis block_size=8,16,32`.",
+                icon=":material/lightbulb:")
     else:
         sweep_id = sweep_view.pick_sweep(sweeps)
         row = sweeps.loc[sweeps["sweep_id"] == sweep_id].iloc[0]

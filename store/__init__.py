@@ -9,7 +9,7 @@
 
 from store.db import Store, open_store
 from store.errors import DuplicateImportError, StoreError
-from store.portable import delete_run, export_run, import_run
+from store.portable import delete_run, export_run, import_run, rename_run
 from store.reader import RunInfo, RunReader
 from store.writer import RunWriter
 
@@ -24,4 +24,5 @@ __all__ = [
     "export_run",
     "import_run",
     "open_store",
+    "rename_run",
 ]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from sqlalchemy import Connection, delete, func, insert, select, text
+from sqlalchemy import Connection, delete, func, insert, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from engine.trace import BLOCK_EVENT_KINDS, REQUEST_EVENT_KINDS, Keyframe
@@ -47,6 +47,7 @@ from store.trace_file import (
 )
 
 _INSERT_CHUNK = 20_000
+NAME_MAX_CHARS = 200  # the runs.name column's width
 
 
 def export_run(store: Store, run_id: int, path: str | Path) -> Path:
@@ -138,6 +139,20 @@ def delete_run(store: Store, run_id: int) -> None:
             raise StoreError(f"run {run_id} is still being written by process {run.writer_pid} "
                              f"on {run.writer_host}; stop that run first, then delete it")
         _delete_rows(conn, run_id)
+
+
+def rename_run(store: Store, run_id: int, name: str | None) -> None:
+    """Set the run's name (None or blank: no name). Safe while the run is being written: the
+    writer never updates the name after it inserted the row."""
+    name = (name or "").strip() or None
+    if name is not None and len(name) > NAME_MAX_CHARS:
+        raise StoreError(f"a run name has at most {NAME_MAX_CHARS} characters; this one has "
+                         f"{len(name)}")
+    with store.write() as conn:
+        done = conn.execute(update(Run).where(Run.id == run_id).values(name=name))
+        if done.rowcount == 0:
+            raise StoreError(f"no run {run_id} in {store.display_url}; list the runs with "
+                             "`python cli.py runs`")
 
 
 def _delete_rows(conn: Connection, run_id: int) -> None:

@@ -157,6 +157,16 @@ class RunReader:
             query = query.where(e.step <= step_to)
         return self._frame(run_id, query, BLOCK_EVENT_COLUMNS, BLOCK_EVENT_DTYPES)
 
+    def block_event_list(self, run_id: int, after: int, upto: int) -> list[BlockEvent]:
+        """Events with after < step <= upto as BlockEvents, in emission order: for replaying
+        many events in Python (no DataFrame on the way)."""
+        e = BlockEventRow
+        query = (_select(e, BLOCK_EVENT_COLUMNS)
+                 .where(e.run_id == run_id, e.step > after, e.step <= upto)
+                 .order_by(e.step, e.ordinal))
+        return [BlockEvent(*values)
+                for values in decode_codes(self._rows(run_id, query), BLOCK_EVENT_COLUMNS)]
+
     def request_events(self, run_id: int) -> pd.DataFrame:
         e = RequestEventRow
         query = (_select(e, REQUEST_EVENT_COLUMNS).where(e.run_id == run_id)

@@ -32,6 +32,7 @@ from store import (
     export_run,
     import_run,
     open_store,
+    rename_run,
 )
 from store.models import CHILD_TABLES
 from store.portable import file_sha256
@@ -137,6 +138,31 @@ def test_delete_removes_every_row(trace_store) -> None:
     assert reader.last_step(keep) == 40
     with pytest.raises(StoreError, match=f"no run {gone}"):
         delete_run(trace_store, gone)
+
+
+def test_rename_sets_and_clears_the_name(trace_store) -> None:
+    run_id, _, _ = record(trace_store, steps=5, seed=1)
+    reader = RunReader(trace_store)
+    rename_run(trace_store, run_id, "  baseline, 64 blocks ")
+    assert reader.run_info(run_id).name == "baseline, 64 blocks"
+    assert reader.list_runs()["name"].tolist() == ["baseline, 64 blocks"]
+    rename_run(trace_store, run_id, "   ")
+    assert reader.run_info(run_id).name is None
+    with pytest.raises(StoreError, match="at most 200 characters"):
+        rename_run(trace_store, run_id, "x" * 201)
+    with pytest.raises(StoreError, match=f"no run {run_id + 1}"):
+        rename_run(trace_store, run_id + 1, "nope")
+
+
+def test_block_event_list_is_the_frame_as_records(trace_store) -> None:
+    run_id, _, _ = record(trace_store, steps=40, seed=3)
+    reader = RunReader(trace_store)
+    events = reader.block_event_list(run_id, after=9, upto=20)
+    frame_ = reader.block_events(run_id, step_from=10, step_to=20)
+    assert events and {e.step for e in events} <= set(range(10, 21))
+    assert [(e.step, e.block_id, e.kind, e.request_id, e.block_hash) for e in events] == [
+        (r.step, r.block_id, r.kind, None if pd.isna(r.request_id) else r.request_id,
+         None if pd.isna(r.block_hash) else r.block_hash) for r in frame_.itertuples()]
 
 
 def _rewrite(src: Path, dst: Path, replace: dict[str, bytes | None]) -> Path:

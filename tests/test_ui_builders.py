@@ -203,11 +203,12 @@ STATE = BlockState(ref_counts=[0, 1, 2, 0], block_hashes=[None, "ab", "cd", "ef"
 
 
 def test_block_frame_colours_by_state_and_labels_shared_blocks():
-    frame = block_grid.block_frame(STATE, columns=2)
-    assert frame["state"].tolist() == ["free", "in use", "in use", "free, cached"]
-    assert frame[["x", "y"]].values.tolist() == [[0, 0], [1, 0], [0, 1], [1, 1]]
-    assert frame["label"].tolist() == ["", "", "2", ""]
-    assert frame["owner"].tolist()[1] == "request 7"
+    frame = block_grid.block_frame(STATE)
+    cells = frame[frame["first"] == 1].set_index("block_id")
+    assert cells["state"].tolist() == ["free", "in use", "in use", "free, cached"]
+    assert cells[["x", "y"]].values.tolist() == [[0, 0], [1, 0], [2, 0], [3, 0]]
+    assert cells["label"].tolist() == ["", "", "2", ""]
+    assert cells.loc[1, "holders"] == "request 7 (last to take it)"  # no holders given
     queue = block_grid.free_queue_frame(STATE)
     assert queue["block_id"].tolist() == [3, 0]
     assert queue["state"].tolist() == ["free, cached", "free"]
@@ -219,33 +220,37 @@ def test_grid_columns_make_a_roughly_two_to_one_grid(blocks, columns):
 
 
 def test_block_grid_spec_draws_one_cell_per_block():
-    frame = block_grid.block_frame(STATE, columns=2)
-    spec = block_grid.block_grid_spec(frame, title="KV blocks after step 3")
-    assert spec["title"] == "KV blocks after step 3"
-    rects, labels = spec["layer"][:2]  # (then the lane titles of a grid with several groups)
+    layout = block_grid.plan(4)
+    frame = block_grid.block_frame(STATE, layout)
+    spec = block_grid.block_grid_spec(frame, layout)
+    rects, outline, marks, labels = spec["layer"][:4]  # (then the lane titles)
     assert rects["mark"]["type"] == "rect" and labels["mark"]["type"] == "text"
     enc = encodings(rects)
-    assert enc["x"] == ("x", "ordinal") and enc["y"] == ("y", "ordinal")
+    assert enc["x"] == ("xa", "quantitative") and enc["y"] == ("ya", "quantitative")
     assert enc["color"] == ("state", "nominal")
+    assert encodings(marks)["fill"] == ("change", "nominal")
     assert encodings(labels)["text"] == ("label", "nominal")
     assert rows(spec) == frame.to_dict("records")
-    spec["datasets"]["blocks"].clear()  # Streamlit may edit a spec: the template stays whole
-    again = block_grid.block_grid_spec(frame, title="KV blocks after step 4")
-    assert len(rows(again)) == 4 and again["title"] == "KV blocks after step 4"
+    assert spec["autosize"]["type"] == "fit-x" and "width" not in spec  # fits its column
+    spec["datasets"]["blocks"] = None  # Streamlit may edit a spec: the template stays whole
+    again = block_grid.block_grid_spec(frame, layout)
+    assert len(rows(again)) == 4
 
 
 def test_free_queue_spec_shows_the_head_of_the_queue_in_order():
     spec = block_grid.free_queue_spec(block_grid.free_queue_frame(STATE))
-    assert spec["title"] == "Free queue: 2 blocks, LRU first"
+    assert spec["title"] == "Free queue, LRU first"  # the same at every step
     rects = spec["layer"][0]
     assert rects["mark"]["type"] == "rect" and encodings(rects)["color"] == ("state", "nominal")
     assert [(r["position"], r["block_id"], r["state"]) for r in rows(spec)] == [
         (0, 3, "free, cached"), (1, 0, "free")]
     n = 300
     long = BlockState([0] * n, [None] * n, [None] * n, list(range(n)))
-    spec = block_grid.free_queue_spec(block_grid.free_queue_frame(long), limit=256)
-    assert spec["title"] == "Free queue: 300 blocks, LRU first (256 shown)"
+    spec = block_grid.free_queue_spec(block_grid.free_queue_frame(long, limit=256))
     assert [r["block_id"] for r in rows(spec)] == list(range(256))
+    assert block_grid.free_queue_caption(300, 0) == (
+        "Free queue: 300 blocks, 0 of them cached; the first is reused (and evicted, if "
+        "cached) next (the first 256 drawn)")
 
 
 FORM = {"model": "tiny", "device": "cpu", "dtype": "auto", "kv_dtype": "auto", "seed": 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
@@ -105,3 +106,37 @@ def test_a_file_imported_before_is_not_imported_again_unless_asked(store, tmp_pa
     assert [s.value for s in at.success] == [f"Imported seeded.kvtrace.zip as run #{copy}."]
     at.run()  # the copy is made once
     assert len(RunReader(store).list_runs()) == 3
+
+
+def test_the_demo_settings_shown_are_the_settings_it_runs(store, monkeypatch):
+    monkeypatch.setattr(session, "demo_config", tiny_config)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
+    shown = next(j.value for j in at.json)
+    next(b for b in at.button if b.label == "Run the demo").click().run()
+    wait_for_live_run(at)
+    info = RunReader(store).run_info(int(RunReader(store).list_runs()["run_id"].iloc[0]))
+    assert json.loads(shown) == tiny_config().to_dict() == info.config.to_dict()
+
+
+def test_the_demo_config_itself_is_what_the_home_page_describes(store):
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
+    config = session.demo_config()
+    assert json.loads(next(j.value for j in at.json)) == config.to_dict()
+    caption = next(c.value for c in at.caption if "The demo serves" in c.value)
+    assert f"in {config.num_blocks} blocks of {config.block_size} tokens" in caption
+    assert f"{config.max_num_seqs} running at most" in caption
+
+
+def test_a_reload_during_the_demo_reattaches_to_it(store, monkeypatch):
+    long = tiny_config(sampling={"ignore_eos": True}, workload=WorkloadSpec(
+        kind="synthetic", num_requests=8, output_len_min=300, output_len_max=300))
+    monkeypatch.setattr(session, "demo_config", lambda: long)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
+    next(b for b in at.button if b.label == "Run the demo").click().run()
+    live = at.session_state[session.LIVE_KEY]
+    reloaded = AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT).run()
+    assert not reloaded.exception
+    assert reloaded.session_state[session.LIVE_KEY] is live
+    assert next(b for b in reloaded.button if b.label == "Run the demo").disabled
+    reloaded.button(key="demo_stop").click().run()
+    assert live.join(60) and live.phase == "interrupted"

@@ -1,8 +1,17 @@
-"""The block grid and the LRU free queue of one step: BlockState -> DataFrame -> `alt.Chart`.
+"""The block grid and the LRU free queue of one step: BlockState -> DataFrame -> Vega-Lite dict.
 
 A cell per KV block: grey when free, amber when free but still hashed (a prefix hit can revive
-it until it is evicted), blue when in use, darker the more requests share it. A run with several
-KV cache groups draws one lane per group (a block id holds one group's layers at a time).
+it until it is evicted), blue when in use, darker and numbered when several requests share it. A
+dot marks the blocks that changed in the step (allocated, hit, cached, freed, evicted, dropped by
+a retention policy); an outline marks the block tables of the request being inspected. A run
+with several KV cache groups draws one lane per group (a block id holds one group's layers at a
+time) and a last lane of the free blocks no group has.
+
+The grid fits its column at any width: it is as wide as the column (positions are quantitative
+cell coordinates, not fixed pixel steps) with at most MAX_COLUMNS cells a row. Past MAX_CELLS
+blocks a cell stands for a range of blocks and is split into the shares of them in use, cached
+free and free; `zoom` narrows the grid to a range of block ids, down to one cell per block.
+Arrays throughout (numpy), so a 500,000-block pool costs tens of milliseconds per step.
 """
 
 from __future__ import annotations
@@ -10,60 +19,73 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import altair as alt
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from engine.config import RunConfig
 from engine.trace import BlockState
+from ui.block_cells import CHANGE_PRIORITY, block_details, change_codes
 from ui.charts import STATE_COLOURS
+from ui.holders import Holders
 
 GRID_DATA = "blocks"  # the templates' named datasets
 QUEUE_DATA = "free_queue"
 MAX_QUEUE_CELLS = 256  # the head of the free queue that is drawn (next to be evicted first)
 QUEUE_COLUMNS = 16
+MAX_COLUMNS = 64
+MAX_CELLS = 2048  # cells drawn at most: beyond, a cell stands for a range of blocks
+CELL_HEIGHT_PX = (8, 22)  # a row's height: the column's width is unknown here, so assumed
+ASSUMED_WIDTH_PX = 560
+STATES = list(STATE_COLOURS)  # "in use", "free, cached", "free": the state codes 0, 1, 2
+CHANGE_COLOURS = {"allocated": "#16a34a", "prefix hit": "#7c3aed", "cached": "#0891b2",
+                  "freed": "#111827", "evicted": "#dc2626", "dropped": "#db2777"}
+_GAP = 0.08  # the white gap around a cell, in cells
 
 
-def grid_columns(num_blocks: int) -> int:
-    """A roughly 2:1 grid, between 8 and 64 cells wide."""
-    return max(8, min(64, 2 ** math.ceil(math.log2(max(1, math.sqrt(num_blocks * 2))))))
+def grid_columns(num_cells: int) -> int:
+    """A roughly 2:1 grid, between 8 and MAX_COLUMNS cells wide."""
+    return max(8, min(MAX_COLUMNS, 2 ** math.ceil(math.log2(max(1, math.sqrt(num_cells * 2))))))
 
 
-def block_frame(state: BlockState, columns: int | None = None,
-                group_labels: dict[int, str] | None = None) -> pd.DataFrame:
-    """One row per block: position in the grid, state, ref count, owner, hash, group.
+@dataclass(frozen=True)
+class GridLayout:
+    """How a grid is drawn: blocks per cell, its columns and rows, the block ids in view."""
 
-    With one KV cache group the grid is laid out by block id. With several, each group gets a
-    lane of the blocks it holds (in use or cached), in id order under a header row naming it
-    (`group_labels`, e.g. "layers 0-14"), and a last lane holds the free blocks no group has;
-    header rows carry the lane's title in `lane` and no block."""
-    groups = sorted({g for g in state.groups if g is not None} | set(group_labels or ()))
-    if len(groups) <= 1:
-        cols = columns or grid_columns(len(state.ref_counts))
-        rows = [_block_row(state, b, b % cols, b // cols) for b in range(len(state.ref_counts))]
-        return pd.DataFrame(rows, columns=_COLUMNS)
-    cols = columns or grid_columns(len(state.ref_counts))
-    lanes: dict[int | None, list[int]] = {g: [] for g in groups}
-    lanes[None] = []
-    for b, g in enumerate(state.groups):
-        lanes.setdefault(g, []).append(b)
-    rows, y = [], 0
-    for g, blocks in lanes.items():
-        name = "free, no group" if g is None else (
-            f"group {g}" + (f" · {group_labels[g]}" if group_labels and g in group_labels else ""))
-        rows.append({**_HEADER, "y": y, "lane": f"{name} · {len(blocks)} blocks"})
-        y += 1
-        for i, b in enumerate(blocks):
-            rows.append(_block_row(state, b, i % cols, y + i // cols))
-        y += -(-len(blocks) // cols)
-    return pd.DataFrame(rows, columns=_COLUMNS)
+    blocks_per_cell: int
+    columns: int
+    rows: int
+    lo: int  # first and last block id in view (the zoom)
+    hi: int
+    lanes: int  # lane header rows (0 with one KV cache group)
+
+    @property
+    def aggregated(self) -> bool:
+        return self.blocks_per_cell > 1
+
+    @property
+    def height_px(self) -> int:
+        low, high = CELL_HEIGHT_PX
+        return int(self.rows * max(low, min(high, ASSUMED_WIDTH_PX // self.columns)))
 
 
-_COLUMNS = ["block_id", "x", "y", "state", "ref_count", "owner", "hash", "label", "group",
-            "lane"]
-_HEADER = {"block_id": -1, "x": 0, "state": None, "ref_count": 0, "owner": "", "hash": "",
-           "label": "", "group": "", "lane": ""}
+def plan(num_blocks: int, num_lanes: int = 0, zoom: tuple[int, int] | None = None) -> GridLayout:
+    """The layout for `num_blocks` blocks (ids lo..hi when zoomed) in `num_lanes` lanes. Fixed
+    for a run and a zoom, whatever the step, so the browser keeps the chart between steps."""
+    lo, hi = zoom if zoom is not None else (0, num_blocks - 1)
+    lo, hi = max(0, lo), min(num_blocks - 1, hi)
+    n = max(0, hi - lo + 1)
+    per_cell = max(1, math.ceil(n / MAX_CELLS))
+    cells = math.ceil(n / per_cell)
+    cols = grid_columns(cells)
+    # every lane may end in a part-filled row: one more row per lane at most
+    rows = math.ceil(cells / cols) + (2 * num_lanes if num_lanes else 0)
+    return GridLayout(per_cell, cols, max(1, rows), lo, hi, num_lanes)
 
 
 def group_labels(config: RunConfig) -> dict[int, str]:
@@ -78,100 +100,269 @@ def _span(values: tuple[int, ...]) -> str:
     return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
-def _block_row(state: BlockState, b: int, x: int, y: int) -> dict[str, Any]:
-    ref = state.ref_counts[b]
-    hashed = state.block_hashes[b] is not None
-    owner, group = state.owners[b], state.groups[b]
+# The frame ------------------------------------------------------------------------------------
+def block_frame(state: BlockState, layout: GridLayout | None = None, *,
+                group_labels: dict[int, str] | None = None, holders: Holders | None = None,
+                step_events: pd.DataFrame | None = None, highlight: int | None = None,
+                token_text: Callable[[int, int], str | None] | None = None,
+                block_size: int = 16) -> pd.DataFrame:
+    """One row per drawn piece: a block's cell, or an aggregated cell's share of a state.
+
+    Columns: x, y (the cell), xa/xb/ya/yb (the piece), xm/ym (the cell's middle), state,
+    block_id (the first in the cell; -1 on lane header rows), last_block, blocks, in_use,
+    cached, free, changed (changed blocks in the cell), change (the step's change, a block),
+    hl (1 where the highlighted request holds it), first (1 on a cell's first piece), label
+    (the ref count of a shared block), lane (header text) and, one block a cell, the
+    block_cells.block_details columns (holders, hash, parent, tokens, text, ...)."""
+    lanes = _lanes(state, group_labels)
+    layout = layout or plan(len(state.ref_counts), len(lanes) if len(lanes) > 1 else 0)
+    arrays = _block_arrays(state, step_events, holders, highlight)
+    cells = _cells(lanes, layout, arrays)
+    if cells.empty or layout.aggregated:
+        return cells
+    details = block_details(state, cells["block_id"].to_numpy(), holders=holders,
+                            step_events=step_events, token_text=token_text,
+                            block_size=block_size)
+    return pd.concat([cells.reset_index(drop=True), details], axis=1)
+
+
+def _lanes(state: BlockState, labels: dict[int, str] | None) -> list[tuple[str, np.ndarray]]:
+    """(title, block ids in order) per lane; one untitled lane with one group."""
+    n = len(state.ref_counts)
+    groups = sorted((set(state.groups) - {None}) | set(labels or ()))
+    if len(groups) <= 1:
+        return [("", np.arange(n))]
+    codes = np.fromiter((-1 if g is None else g for g in state.groups), dtype=np.int64, count=n)
+    out = []
+    for g in [*groups, None]:
+        ids = np.flatnonzero(codes == (-1 if g is None else g))
+        name = "free, no group" if g is None else (
+            f"group {g}" + (f" · {labels[g]}" if labels and g in labels else ""))
+        out.append((f"{name} · {len(ids):,} blocks", ids))
+    return out
+
+
+def _block_arrays(state: BlockState, step_events: pd.DataFrame | None,
+                  holders: Holders | None, highlight: int | None) -> dict[str, np.ndarray]:
+    n = len(state.ref_counts)
+    ref = np.asarray(state.ref_counts, dtype=np.int64)
+    hashed = np.fromiter((h is not None for h in state.block_hashes), dtype=bool, count=n)
+    code = np.where(ref > 0, 0, np.where(hashed, 1, 2))
+    change = change_codes(n, step_events)
+    hl = np.zeros(n, dtype=bool)
+    if holders is not None and highlight is not None:
+        held = [b for t in holders.tables_of(highlight).values() for b in t if 0 <= b < n]
+        hl[held] = True
+    return {"ref": ref, "code": code, "change": change, "hl": hl}
+
+
+def _cells(lanes: list[tuple[str, np.ndarray]], layout: GridLayout,
+           a: dict[str, np.ndarray]) -> pd.DataFrame:
+    k, cols = layout.blocks_per_cell, layout.columns
+    parts: list[dict[str, np.ndarray]] = []
+    y = 0
+    for title, ids in lanes:
+        ids = ids[(ids >= layout.lo) & (ids <= layout.hi)]
+        if title:
+            parts.append(_header(title, y))
+            y += 1
+        if len(ids) == 0:
+            continue
+        cell = np.arange(len(ids)) // k
+        num_cells = int(cell[-1]) + 1
+        part = _aggregate(ids, cell, num_cells, a)
+        part["x"] = np.arange(num_cells) % cols
+        part["y"] = y + np.arange(num_cells) // cols
+        parts.append(part)
+        y += -(-num_cells // cols)
+    if not parts:
+        return pd.DataFrame(columns=_COLUMNS)
+    return _pieces({c: np.concatenate([p[c] for p in parts]) for c in parts[0]})
+
+
+def _aggregate(ids: np.ndarray, cell: np.ndarray, num_cells: int,
+               a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def count(mask: np.ndarray) -> np.ndarray:
+        return np.bincount(cell, weights=mask, minlength=num_cells).astype(np.int64)
+
+    code = a["code"][ids]
+    first = np.searchsorted(cell, np.arange(num_cells))
+    last = np.r_[first[1:], len(ids)] - 1
     return {
-        "block_id": b, "x": x, "y": y,
-        "state": "in use" if ref > 0 else ("free, cached" if hashed else "free"),
-        "ref_count": ref,
-        "owner": "—" if owner is None or ref == 0 else f"request {owner}",
-        "hash": (state.block_hashes[b] or "—")[:16],
-        "label": str(ref) if ref > 1 else "",
-        "group": "—" if group is None else str(group),
-        "lane": "",
+        "block_id": ids[first], "last_block": ids[last],
+        "blocks": np.bincount(cell, minlength=num_cells).astype(np.int64),
+        "in_use": count(code == 0), "cached": count(code == 1), "free": count(code == 2),
+        "changed": count(a["change"][ids] >= 0),
+        "change": _CHANGE_NAMES[np.maximum.reduceat(a["change"][ids], first) + 1],
+        "hl": (count(a["hl"][ids]) > 0).astype(np.int64),
+        "ref_count": a["ref"][ids[first]], "lane": np.full(num_cells, "", dtype=object),
     }
 
 
-def block_grid_spec(frame: pd.DataFrame, *, title: str = "KV blocks") -> dict[str, Any]:
-    """The grid as a Vega-Lite dict: colour by state, opacity and a label by ref count, owner
-    and hash on hover. From a template built once per grid shape, so Replay redraws the grid
-    at each step without rebuilding (and revalidating) the chart."""
-    spec = copy.deepcopy(_grid_template(_columns_of(frame)))  # Streamlit may edit it
-    spec["title"] = title
-    spec["datasets"] = {GRID_DATA: frame.to_dict("records")}
+def _header(title: str, y: int) -> dict[str, np.ndarray]:
+    zero = np.zeros(1, dtype=np.int64)
+    return {"block_id": zero - 1, "last_block": zero - 1, "blocks": zero, "in_use": zero,
+            "cached": zero, "free": zero, "changed": zero, "change": np.array([""], dtype=object),
+            "hl": zero, "ref_count": zero, "lane": np.array([title], dtype=object),
+            "x": zero, "y": zero + y}
+
+
+_COLUMNS = ["x", "y", "xa", "xb", "ya", "yb", "xm", "ym", "state", "block_id", "last_block",
+            "blocks", "in_use", "cached", "free", "changed", "change", "hl", "first", "ref_count",
+            "label", "lane"]
+_CHANGE_NAMES = np.array(["", *CHANGE_PRIORITY], dtype=object)  # change code + 1 -> name
+_STATE_NAMES = np.array(["", *STATES], dtype=object)  # piece state code + 1 -> name
+
+
+def _pieces(cells: dict[str, np.ndarray]) -> pd.DataFrame:
+    """A piece per (cell, state present in it), stacked top to bottom in STATES order; lane
+    headers are one piece without a state. Arrays only: this runs at every step."""
+    header = cells["block_id"] < 0
+    counts = np.stack([cells["in_use"], cells["cached"], cells["free"]], axis=1)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    start = np.cumsum(shares, axis=1) - shares
+    cell_of, code_of, ya, yb = [np.flatnonzero(header)], [np.full(header.sum(), -1)], [], []
+    ya.append(cells["y"][header] + 0.5)
+    yb.append(cells["y"][header] + 0.5)
+    inner = 1 - 2 * _GAP
+    for code in range(len(STATES)):
+        present = np.flatnonzero((shares[:, code] > 0) & ~header)
+        cell_of.append(present)
+        code_of.append(np.full(len(present), code))
+        top = cells["y"][present] + _GAP + start[present, code] * inner
+        ya.append(top)
+        yb.append(top + shares[present, code] * inner)
+    index, code = np.concatenate(cell_of), np.concatenate(code_of)
+    order = np.lexsort((code, index))
+    index, code = index[order], code[order]
+    out = {c: cells[c][index] for c in cells}
+    out["ya"], out["yb"] = np.concatenate(ya)[order], np.concatenate(yb)[order]
+    out["state"] = _STATE_NAMES[code + 1]
+    out["first"] = ((np.r_[True, index[1:] != index[:-1]]) & (code >= 0)).astype(np.int64)
+    out["xa"], out["xb"] = out["x"] + _GAP, out["x"] + 1 - _GAP
+    out["xm"], out["ym"] = out["x"] + 0.5, out["y"] + 0.5
+    single = (out["blocks"] == 1) & (out["ref_count"] > 1)
+    out["label"] = np.where(single, out["ref_count"].astype(str), "")
+    return pd.DataFrame({c: out[c] for c in _COLUMNS})
+
+
+# The spec -------------------------------------------------------------------------------------
+def block_grid_spec(frame: pd.DataFrame, layout: GridLayout) -> dict[str, Any]:
+    """The grid as a Vega-Lite dict from a template built once per layout (so a step's redraw
+    only swaps the data: the browser keeps the chart). The frame goes as an Arrow table."""
+    spec = copy.deepcopy(_grid_template(layout.aggregated, layout.columns, layout.rows,
+                                        layout.height_px))
+    spec["datasets"] = {GRID_DATA: pa.Table.from_pandas(frame, preserve_index=False)}
     return spec
-
-
-def _columns_of(frame: pd.DataFrame) -> int:
-    return int(frame["x"].max()) + 1 if not frame.empty else 1
 
 
 @functools.lru_cache(maxsize=64)
-def _grid_template(cols: int) -> dict[str, Any]:
-    return _grid_chart(alt.NamedData(GRID_DATA), cols, "").to_dict()
+def _grid_template(aggregated: bool, cols: int, rows: int, height: int) -> dict[str, Any]:
+    return _grid_chart(alt.NamedData(GRID_DATA), aggregated, cols, rows, height).to_dict()
 
 
-def _grid_chart(data: pd.DataFrame | alt.NamedData, cols: int, title: str) -> alt.LayerChart:
-    cell = max(10, min(22, 720 // cols))
-    order = list(STATE_COLOURS)
-    # Discrete sizes (a step per cell): a fixed pixel height on an ordinal axis collapses the
-    # chart in Streamlit, which asks Vega-Lite to fit the container.
-    base = alt.Chart(data, title=title, width=alt.Step(cell), height=alt.Step(cell))
-    blocks = base.transform_filter("datum.block_id >= 0")  # lane header rows hold no block
-    rects = blocks.mark_rect(stroke="white", strokeWidth=1).encode(
-        x=alt.X("x:O", axis=None, scale=alt.Scale(domain=list(range(cols)))),
-        y=alt.Y("y:O", axis=None),
-        color=alt.Color("state:N", scale=alt.Scale(domain=order,
-                        range=[STATE_COLOURS[s] for s in order]),
+def _grid_chart(data: Any, aggregated: bool, cols: int, rows: int, height: int) -> alt.LayerChart:
+    # Every layer states the same scales: Vega-Lite 5 fails to merge a reversed scale with a
+    # layer's default one (and Streamlit then draws nothing).
+    x_scale = alt.Scale(domain=[0, cols], nice=False, zero=False)
+    y_scale = alt.Scale(domain=[0, rows], nice=False, zero=False, reverse=True)
+
+    def x(field: str) -> alt.X:
+        return alt.X(f"{field}:Q", axis=None, scale=x_scale)
+
+    def y(field: str) -> alt.Y:
+        return alt.Y(f"{field}:Q", axis=None, scale=y_scale)
+
+    base = alt.Chart(data)
+    cells = base.transform_filter("datum.block_id >= 0")
+    rects = cells.mark_rect().encode(
+        x=x("xa"), x2="xb:Q", y=y("ya"), y2="yb:Q",
+        color=alt.Color("state:N", scale=alt.Scale(domain=STATES,
+                        range=[STATE_COLOURS[s] for s in STATES]),
                         legend=alt.Legend(orient="bottom", title=None)),
-        opacity=alt.condition("datum.ref_count > 1", alt.value(1.0), alt.value(0.75)),
-        tooltip=[alt.Tooltip("block_id:Q", title="block"), alt.Tooltip("state:N"),
-                 alt.Tooltip("ref_count:Q", title="ref count"), alt.Tooltip("owner:N"),
-                 alt.Tooltip("hash:N"), alt.Tooltip("group:N", title="KV cache group")],
+        opacity=alt.condition("datum.ref_count > 1 || datum.blocks > 1", alt.value(1.0),
+                              alt.value(0.75)),
+        tooltip=_range_tooltip() if aggregated else _block_tooltip(),
     )
-    labels = blocks.mark_text(fontSize=max(7, cell // 2), color="white").encode(
-        x="x:O", y="y:O", text="label:N")
+    first = cells.transform_filter("datum.first == 1")
+    outline = first.transform_filter("datum.hl == 1").mark_rect(
+        filled=False, stroke="#111827", strokeWidth=2).encode(
+        x=x("xa"), x2="xb:Q", y=y("y"), y2="y_end:Q").transform_calculate(y_end="datum.y + 1")
+    marks = first.transform_filter("datum.changed > 0").transform_calculate(
+        cx="datum.x + 0.78", cy="datum.y + 0.26").mark_point(filled=True, size=18).encode(
+        x=x("cx"), y=y("cy"),
+        # fill, not color: a second colour scale (resolved independently) kept Streamlit's
+        # Vega-Lite from drawing the chart at all
+        fill=alt.Fill("change:N", scale=alt.Scale(domain=list(CHANGE_COLOURS),
+                      range=list(CHANGE_COLOURS.values())),
+                      legend=alt.Legend(orient="top", title="this step")),
+        tooltip=_range_tooltip() if aggregated else _block_tooltip())
+    layers = [rects, outline, marks]
+    if not aggregated:
+        layers.append(first.mark_text(fontSize=9, color="white").encode(
+            x=x("xm"), y=y("ym"), text="label:N"))
     lanes = base.transform_filter("datum.block_id < 0").mark_text(
-        align="left", baseline="middle", fontSize=11, fontWeight="bold", dx=-cell / 2).encode(
-        x="x:O", y="y:O", text="lane:N")
-    return alt.layer(rects, labels, lanes)
+        align="left", baseline="middle", fontSize=11, fontWeight="bold").encode(
+        x=x("x"), y=y("ya"), text="lane:N")
+    # fit-x: the width follows the column, the height stays the rows' (Streamlit's default
+    # "fit" squeezed the cells into a strip once the legends took their share)
+    return alt.layer(*layers, lanes).properties(
+        height=height, autosize=alt.AutoSizeParams(type="fit-x", contains="padding"))
 
 
-def free_queue_frame(state: BlockState) -> pd.DataFrame:
-    """The free queue in eviction order (head first): position, block, cached or not."""
+def _block_tooltip() -> list[alt.Tooltip]:
+    return [alt.Tooltip("block_id:Q", title="block"), alt.Tooltip("state:N"),
+            alt.Tooltip("ref_count:Q", title="ref count"), alt.Tooltip("holders:N",
+                                                                      title="held by"),
+            alt.Tooltip("tokens:N"), alt.Tooltip("text:N"), alt.Tooltip("hash:N"),
+            alt.Tooltip("parent:N", title="parent's hash"),
+            alt.Tooltip("group:N", title="KV cache group"),
+            alt.Tooltip("change_text:N", title="this step")]
+
+
+def _range_tooltip() -> list[alt.Tooltip]:
+    return [alt.Tooltip("block_id:Q", title="from block"),
+            alt.Tooltip("last_block:Q", title="to block"), alt.Tooltip("blocks:Q"),
+            alt.Tooltip("in_use:Q", title="in use"),
+            alt.Tooltip("cached:Q", title="free, cached"), alt.Tooltip("free:Q"),
+            alt.Tooltip("changed:Q", title="changed this step")]
+
+
+# The free queue -------------------------------------------------------------------------------
+def free_queue_frame(state: BlockState, limit: int = MAX_QUEUE_CELLS) -> pd.DataFrame:
+    """The head of the free queue in eviction order: position, block, cached or not."""
+    head = state.free_queue[:limit]
     return pd.DataFrame(
-        [{"position": i, "block_id": b,
-          "state": "free, cached" if state.block_hashes[b] is not None else "free"}
-         for i, b in enumerate(state.free_queue)],
-        columns=["position", "block_id", "state"],
-    )
+        {"position": np.arange(len(head), dtype=np.int64),
+         "block_id": np.asarray(head, dtype=np.int64),
+         "state": ["free, cached" if state.block_hashes[b] is not None else "free"
+                   for b in head]},
+        columns=["position", "block_id", "state"])
 
 
-def free_queue_spec(queue: pd.DataFrame, *, limit: int = MAX_QUEUE_CELLS) -> dict[str, Any]:
+def free_queue_caption(num_free: int, num_cached: int, limit: int = MAX_QUEUE_CELLS) -> str:
+    """What the free queue holds (from the step's record: no walk over a long queue)."""
+    shown = f" (the first {limit:,} drawn)" if num_free > limit else ""
+    return (f"Free queue: {num_free:,} blocks, {num_cached:,} of them cached; the first is "
+            f"reused (and evicted, if cached) next{shown}")
+
+
+def free_queue_spec(queue: pd.DataFrame) -> dict[str, Any]:
     """The queue's head in reading order (first cell: evicted next), cached blocks in amber,
     as a Vega-Lite dict from a template (see block_grid_spec)."""
-    head = queue.head(limit)
     spec = copy.deepcopy(_queue_template())
-    spec["title"] = _queue_title(len(queue), limit)
-    spec["datasets"] = {QUEUE_DATA: head.to_dict("records")}
+    spec["datasets"] = {QUEUE_DATA: pa.Table.from_pandas(queue, preserve_index=False)}
     return spec
-
-
-def _queue_title(n: int, limit: int) -> str:
-    title = f"Free queue: {n} blocks, LRU first"
-    return title + (f" ({limit} shown)" if n > limit else "")
 
 
 @functools.lru_cache(maxsize=1)
 def _queue_template() -> dict[str, Any]:
-    return _queue_chart(alt.NamedData(QUEUE_DATA), "").to_dict()
+    return _queue_chart(alt.NamedData(QUEUE_DATA), "Free queue, LRU first").to_dict()
 
 
 def _queue_chart(data: pd.DataFrame | alt.NamedData, title: str) -> alt.LayerChart:
     # Wrapped in rows of QUEUE_COLUMNS, read left to right, top to bottom, like text.
-    base = alt.Chart(data, title=title, width=alt.Step(20), height=alt.Step(20)
+    base = alt.Chart(data, width=alt.Step(20), height=alt.Step(20)
                      ).transform_calculate(col=f"datum.position % {QUEUE_COLUMNS}",
                                            row=f"floor(datum.position / {QUEUE_COLUMNS})")
     order = ["free, cached", "free"]
@@ -184,4 +375,4 @@ def _queue_chart(data: pd.DataFrame | alt.NamedData, title: str) -> alt.LayerCha
                  alt.Tooltip("block_id:Q", title="block"), alt.Tooltip("state:N")],
     )
     text = base.mark_text(fontSize=8).encode(x="col:O", y="row:O", text="block_id:Q")
-    return alt.layer(rects, text)
+    return alt.layer(rects, text).properties(title=title)

@@ -27,8 +27,10 @@ _VIEW_KEYS = ("mark", "encoding", "transform", "data", "params")
 STEP_RULE_DATA = "step_rule"  # the named dataset that holds the rule's one row
 
 
-def with_step_rule(spec: dict[str, Any], step: int, color: str = "#dc2626") -> dict[str, Any]:
-    """A copy of a Vega-Lite spec (from `alt.Chart.to_dict()`) with a rule at `step` on top.
+def with_step_rule(spec: dict[str, Any], step: float, color: str = "#dc2626", *,
+                   field: str = "step") -> dict[str, Any]:
+    """A copy of a Vega-Lite spec (from `alt.Chart.to_dict()`) with a rule at `step` on top
+    (`field` "t" and the step's time for a chart over time).
 
     Replay draws the whole run's charts at every slider move; building them once per run and
     adding the rule as plain data keeps a jump to any step far below a second (Altair's
@@ -41,28 +43,38 @@ def with_step_rule(spec: dict[str, Any], step: int, color: str = "#dc2626") -> d
     out = dict(spec)
     rule = {"mark": {"type": "rule", "color": color, "strokeWidth": 2},
             "data": {"name": STEP_RULE_DATA},
-            "encoding": {"x": {"field": "step", "type": "quantitative"}}}
+            "encoding": {"x": {"field": field, "type": "quantitative"}}}
     if "layer" in out:
         out["layer"] = [*out["layer"], rule]
     else:
         view = {k: out.pop(k) for k in _VIEW_KEYS if k in out}
         out["layer"] = [view, rule]
-    out["datasets"] = {**out.get("datasets", {}), STEP_RULE_DATA: pa.table({"step": [step]})}
+    out["datasets"] = {**out.get("datasets", {}), STEP_RULE_DATA: pa.table({field: [step]})}
     return out
 
 
-def series_chart(df: pd.DataFrame, column: str, *, title: str | None = None) -> alt.Chart:
-    """One per-step series of one run as a line."""
-    data = df[["step", column]] if not df.empty else pd.DataFrame({"step": [], column: []})
-    return _series_chart(data, column, title or SERIES_LABELS.get(column, column))
+X_TITLES = {"step": "step", "t": "time (s)"}
 
 
-def _series_chart(data: pd.DataFrame | alt.NamedData, column: str, label: str) -> alt.Chart:
+def series_chart(df: pd.DataFrame | alt.NamedData, column: str, *, title: str | None = None,
+                 x: str = "step") -> alt.Chart:
+    """One per-step series of one run as a line, over steps or (`x="t"`) over time (from a
+    frame, or a named dataset with the columns step, `x` and `column`)."""
+    cols = list(dict.fromkeys(["step", x, column]))
+    if isinstance(df, alt.NamedData):
+        data: pd.DataFrame | alt.NamedData = df
+    else:
+        data = df[cols] if not df.empty else pd.DataFrame({c: [] for c in cols})
+    return _series_chart(data, column, title or SERIES_LABELS.get(column, column), x)
+
+
+def _series_chart(data: pd.DataFrame | alt.NamedData, column: str, label: str,
+                  x: str = "step") -> alt.Chart:
     return (
         alt.Chart(data, title=label)
         .mark_line(interpolate="step-after")
         .encode(
-            x=alt.X("step:Q", title="step"),
+            x=alt.X(f"{x}:Q", title=X_TITLES[x]),
             y=alt.Y(f"{column}:Q", title=None, axis=alt.Axis(format=",.4~r")),
             tooltip=[alt.Tooltip("step:Q"),
                      alt.Tooltip(f"{column}:Q", title=label, format=",.3~f")],
@@ -70,14 +82,31 @@ def _series_chart(data: pd.DataFrame | alt.NamedData, column: str, label: str) -
     )
 
 
-def block_mix_chart(mix: pd.DataFrame | alt.NamedData, *, title: str = "KV blocks") -> alt.Chart:
+def per_step_chart(long: pd.DataFrame | alt.NamedData, title: str, *, stacked: bool,
+                   x: str = "step") -> alt.Chart:
+    """Several per-step series of one run (ui.analysis.per_step_long): stacked areas (parts of
+    one whole, e.g. prefill and decode tokens) or lines (e.g. tokens looked up and hit)."""
+    mark = (alt.Chart(long, title=title).mark_area(interpolate="step-after", opacity=0.85)
+            if stacked else alt.Chart(long, title=title).mark_line(interpolate="step-after"))
+    return mark.encode(
+        x=alt.X(f"{x}:Q", title=X_TITLES[x]),
+        y=alt.Y("value:Q", title=None, stack="zero" if stacked else None,
+                axis=alt.Axis(format=",.4~r")),
+        color=alt.Color("series:N", legend=alt.Legend(orient="bottom", title=None)),
+        tooltip=[alt.Tooltip("step:Q"), alt.Tooltip("series:N"),
+                 alt.Tooltip("value:Q", format=",.0f")],
+    )
+
+
+def block_mix_chart(mix: pd.DataFrame | alt.NamedData, *, title: str = "KV blocks",
+                    x: str = "step") -> alt.Chart:
     """Stacked area of blocks in use / free but cached / free per step (ui.analysis.block_mix)."""
     order = list(STATE_COLOURS)
     return (
         alt.Chart(mix, title=title)
         .mark_area(interpolate="step-after")
         .encode(
-            x=alt.X("step:Q", title="step"),
+            x=alt.X(f"{x}:Q", title=X_TITLES[x]),
             y=alt.Y("blocks:Q", stack="zero", title="blocks"),
             color=alt.Color("state:N", scale=alt.Scale(domain=order,
                             range=[STATE_COLOURS[s] for s in order]),
@@ -114,17 +143,30 @@ def _live_template(name: str) -> dict[str, Any]:
     return _series_chart(data, name, SERIES_LABELS.get(name, name)).to_dict()
 
 
+# Eight clearly different colours (Tableau 10 without its grey and olive), one per run.
+RUN_COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
+               "#ff9da7"]
+
+
+def run_colours(runs: list[str]) -> alt.Color:
+    """A colour per run in the order given, and a legend that lists every run's full name
+    one a line (no truncation, however long)."""
+    return alt.Color("run:N", scale=alt.Scale(domain=runs, range=RUN_COLOURS[:max(1, len(runs))]),
+                     legend=alt.Legend(orient="bottom", title=None, labelLimit=0,
+                                       direction="vertical", symbolLimit=0))
+
+
 def overlay_chart(df: pd.DataFrame, column: str, *, title: str | None = None) -> alt.Chart:
     """The same series of several runs (ui.analysis.stack_runs), one colour per run."""
     label = title or SERIES_LABELS.get(column, column)
+    runs = list(dict.fromkeys(df["run"])) if "run" in df else []
     return (
         alt.Chart(df[["run", "step", column]], title=label)
         .mark_line(interpolate="step-after")
         .encode(
             x=alt.X("step:Q", title="step"),
             y=alt.Y(f"{column}:Q", title=None, axis=alt.Axis(format=",.4~r")),
-            color=alt.Color("run:N", legend=alt.Legend(orient="bottom", title=None,
-                                                        labelLimit=320)),
+            color=run_colours(runs),
             tooltip=["run:N", "step:Q", alt.Tooltip(f"{column}:Q", format=",.3~f")],
         )
     )
@@ -135,6 +177,7 @@ def percentile_chart(table: pd.DataFrame, metric: str) -> alt.Chart:
     cols = [c for c in table.columns if c.startswith(metric)]
     long = table.melt("run", value_vars=cols, var_name="percentile", value_name="ms")
     long["percentile"] = long["percentile"].str.extract(r"(p\d+)", expand=False)
+    runs = list(dict.fromkeys(table["run"]))
     return (
         alt.Chart(long, title=f"{metric} (ms)")
         .mark_bar()
@@ -142,8 +185,7 @@ def percentile_chart(table: pd.DataFrame, metric: str) -> alt.Chart:
             x=alt.X("percentile:N", title=None),
             xOffset="run:N",
             y=alt.Y("ms:Q", title="ms"),
-            color=alt.Color("run:N", legend=alt.Legend(orient="bottom", title=None,
-                                                        labelLimit=320)),
+            color=run_colours(runs),
             tooltip=["run:N", "percentile:N", alt.Tooltip("ms:Q", format=",.1f")],
         )
     )

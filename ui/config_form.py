@@ -3,12 +3,14 @@
 `render_config_form()` lays the widgets out and leaves an empty slot under each; the page
 passes the values and slots to `validate()`, which builds the config (`config_from_values()`)
 or puts its `ConfigError` in the slot of the widget it names, so a bad setting is explained
-where it was made, before running.
+where it was made, before running. The number inputs have no bounds of their own: a bound
+would make the browser silently keep the previous value; the message names the widget's label.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import streamlit as st
 from engine.config import DEVICES, DTYPES, KV_DTYPES, ConfigError, RunConfig, parse_bytes
 from engine.models.config import MODEL_CONFIGS
 from engine.workload import PRESETS, WorkloadError, parse_workload_bytes
+from ui import format as fmt
 
 UPLOAD_DIR = Path(__file__).resolve().parent.parent / "data" / "uploads"
 BUDGET_MODES = ("default", "blocks", "bytes")
@@ -39,32 +42,43 @@ WORKLOAD_NUMBERS = (  # (field, label, min, default, step) of the synthetic gene
 
 
 class Slots:
-    """Empty containers under the widgets, by the knob they belong to."""
+    """Empty containers under the widgets, by the knob they belong to, and the widgets' labels
+    (an error names the widget as the person sees it, not the config field)."""
 
     def __init__(self) -> None:
         self._slots: dict[str, Any] = {}
+        self._labels: dict[str, str] = {}
 
-    def add(self, name: str) -> None:
+    def add(self, name: str, label: str | None = None) -> None:
         self._slots[name] = st.empty()
+        if label:
+            self._labels[name] = label
 
     def show_error(self, field: str, message: str) -> None:
         name = _SLOT_OF.get(field, field)
-        slot = self._slots.get(name) or self._slots.get(name.removeprefix("workload."))
-        (slot or self._slots["general"]).error(message, icon="⚠️")
+        if name not in self._slots:
+            name = name.removeprefix("workload.")
+        label = self._labels.get(name)
+        if label and message.startswith(f"{field}: "):
+            message = f"{label}: {message.removeprefix(f'{field}: ')}"
+        (self._slots.get(name) or self._slots["general"]).error(message,
+                                                               icon=":material/warning:")
 
 
 def _number(slots: Slots, label: str, key: str, value: int | float, min_value: int | float | None,
             step: int | float, help: str | None = None) -> int | float:
-    out = st.number_input(label, min_value=min_value, value=value, step=step, key=f"cfg_{key}",
-                          help=help)
-    slots.add(key)
-    return out
+    """A number input without bounds (`min_value` is what validation enforces, see the module
+    docstring); its value is never None: an emptied field reads as 0, which is then refused."""
+    del min_value
+    out = st.number_input(label, value=value, step=step, key=f"cfg_{key}", help=help)
+    slots.add(key, label)
+    return 0 if out is None else out
 
 
 def _select(slots: Slots, label: str, key: str, options: list | tuple, index: int = 0,
             help: str | None = None) -> Any:
     out = st.selectbox(label, options, index=index, key=f"cfg_{key}", help=help)
-    slots.add(key)
+    slots.add(key, label)
     return out
 
 
@@ -92,13 +106,14 @@ def render_config_form(default_model: str = "smollm2") -> tuple[dict[str, Any], 
     with c[2]:
         v["budget_mode"] = st.radio("KV budget", BUDGET_MODES, key="cfg_budget_mode",
                                     format_func=BUDGET_LABELS.get)
+        slots.add("budget_mode", "KV budget")
     with c[3]:
         if v["budget_mode"] == "blocks":
             v["num_blocks"] = _number(slots, "number of blocks", "num_blocks", 256, 1, 16)
         elif v["budget_mode"] == "bytes":
             v["kv_budget"] = st.text_input("KV budget (bytes)", "64MiB", key="cfg_kv_budget",
                                            help="e.g. 64MiB, 1.5GiB, 500MB")
-            slots.add("kv_budget")
+            slots.add("kv_budget", "KV budget (bytes)")
     c = st.columns(4)
     with c[0]:
         v["enable_prefix_caching"] = st.toggle("prefix caching", True, key="cfg_prefix")
@@ -119,7 +134,7 @@ def render_config_form(default_model: str = "smollm2") -> tuple[dict[str, Any], 
                  "h2o(heavy,recent), snapkv(budget,window), pyramid(total=T,beta=20); by "
                  "range, e.g. '0:full; 1-29:window(4,256)' or '0-29/h0:full; 0-29/h1-2:"
                  "window(4,128)' (each range is a KV cache group with its own block tables)")
-        slots.add("policy")
+        slots.add("policy", "layer policy")
     st.subheader("Scheduler")
     c = st.columns(3)
     with c[0]:
@@ -236,14 +251,57 @@ def config_from_values(v: dict[str, Any]) -> RunConfig:
 def validate(v: dict[str, Any], slots: Slots) -> RunConfig | None:
     """The config, or None after showing its error under the widget it concerns."""
     try:
+        if int(v["seed"]) < 0:
+            raise ConfigError("seed", "must be >= 0")
         config = config_from_values(v)
     except ConfigError as e:
         slots.show_error(e.field, str(e))
         return None
-    if config.device == "cuda":
-        import torch  # only to check the machine: a config cannot know it
-
-        if not torch.cuda.is_available():
-            slots.show_error("device", "device: no CUDA device on this machine; use cpu or auto")
-            return None
+    memory = device_memory(config.device)
+    if memory is None:
+        slots.show_error("device", "device: no CUDA device on this machine; use cpu or auto")
+        return None
+    problem = budget_problem(config, *memory)
+    if problem is not None:
+        field = {"blocks": "num_blocks", "bytes": "kv_budget"}.get(v["budget_mode"],
+                                                                   "budget_mode")
+        slots.show_error(field, f"{field}: {problem}")
+        return None
     return config
+
+
+def device_memory(device: str) -> tuple[str, str, int] | None:
+    """(device type, whose memory, bytes) where a run's KV cache would live; None for "cuda"
+    on a machine without one. torch is imported only when a GPU may be there: the page stays
+    light on a CPU machine (and never reads a torch that another thread is still importing)."""
+    if device == "cpu" or (device == "auto" and not _maybe_nvidia()):
+        return "cpu", "this machine's", _physical_memory()
+    import torch  # waits for an import in progress on another thread
+
+    if torch.cuda.is_available():
+        return "cuda", "this GPU's", int(torch.cuda.get_device_properties(0).total_memory)
+    if device == "cuda":
+        return None
+    return "cpu", "this machine's", _physical_memory()
+
+
+def budget_problem(config: RunConfig, device_type: str, whose: str, total: int) -> str | None:
+    """Why the KV cache cannot fit in `total` bytes of memory, or None."""
+    page = config.kv_groups(config.resolved_kv_dtype(device_type))[0].page_size_bytes
+    blocks = config.num_blocks_for(page)
+    need = blocks * page
+    if need <= total:
+        return None
+    return (f"{fmt.count(blocks)} blocks of {config.block_size} tokens take {fmt.size(need)} "
+            f"of KV cache, more than {whose} {fmt.size(total)} of memory; choose at most "
+            f"{fmt.count(total // page)} blocks")
+
+
+def _maybe_nvidia() -> bool:
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia")
+
+
+def _physical_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)

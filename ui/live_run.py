@@ -77,7 +77,8 @@ class LiveRun:
         self.requests_total: int | None = None
         self.requests_done = 0
         self.summary: dict[str, Any] | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # one line: the exception's type and message
+        self.traceback: str | None = None  # the whole story, for a "details" expander
         self.started_at = time.monotonic()
         self.ended_at: float | None = None
         self._stop = threading.Event()
@@ -155,11 +156,13 @@ class LiveRun:
             self.phase = "interrupted" if result.summary.stopped else "finished"
         except Exception as e:  # shown on the page; the run row keeps the traceback
             self.error = f"{type(e).__name__}: {e}"
+            self.traceback = traceback.format_exc()
             if writer is not None:
                 try:
-                    writer.close(error=traceback.format_exc())
+                    writer.close(error=self.traceback)
                 except Exception:  # the database itself may be what failed
-                    self.error += f"\n(the run could not be closed: {traceback.format_exc()})"
+                    self.error += " (and the run could not be closed in the database)"
+                    self.traceback += "\nClosing the run failed:\n" + traceback.format_exc()
             self.phase = "failed"
         finally:
             self.ended_at = time.monotonic()

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar
 
+import altair as alt
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import streamlit as st
@@ -23,6 +26,7 @@ from engine.config import RunConfig
 from engine.trace import BlockState
 from store import RunInfo, RunReader, Store, open_store
 from ui import analysis, charts, timeline
+from ui.holders import Event, HolderIndex, Holders
 
 if TYPE_CHECKING:
     from engine.models.loader import LoadedModel
@@ -61,6 +65,39 @@ def get_model(config: RunConfig) -> LoadedModel:
     from engine.run import model_key
 
     return _model(model_key(config))
+
+
+_warm_lock = threading.Lock()
+_warm_started = False
+
+
+def start_warm_up() -> None:
+    """Once per server process, on a background thread: import the model code and build a model
+    on the meta device (the first build imports ~820 torch modules: 3-30 s holding the GIL,
+    which stalled every session when it happened at a first Run), and load the tokenizer (the
+    token texts on Replay). `KVLAB_NO_WARM_UP=1` turns it off."""
+    global _warm_started
+    with _warm_lock:
+        if _warm_started or os.environ.get("KVLAB_NO_WARM_UP") == "1":
+            return
+        _warm_started = True
+    threading.Thread(target=_warm_up, name="kvlab-warm-up", daemon=True).start()
+
+
+def _warm_up() -> None:
+    try:
+        import torch
+
+        import engine.run  # noqa: F401 (the import is the point)
+        from engine.models.config import MODEL_CONFIGS
+        from engine.models.llama import Llama
+        from engine.tokenizer import load_tokenizer
+
+        with torch.device("meta"):
+            Llama(MODEL_CONFIGS["tiny"])
+        load_tokenizer()
+    except Exception:  # nothing to warm: the first run reports what is wrong
+        pass
 
 
 # Queries ------------------------------------------------------------------------------------
@@ -170,6 +207,29 @@ def block_events_at(url: str, run_id: int, step: int, rev: str) -> pd.DataFrame:
     return RunReader(_store(url)).block_events(run_id, step_from=step, step_to=step)
 
 
+def run_progress(run_id: int) -> tuple[str, int]:
+    """(status, last committed step) read now, uncached: what a replay of a running run polls."""
+    reader = RunReader(get_store())
+    return reader.run_info(run_id).status, reader.last_step(run_id)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _holder_index(url: str, run_id: int, created: str) -> HolderIndex:
+    """Keyed by the run's creation time too: a deleted run's id may be given to a new run."""
+    reader = RunReader(_store(url))
+
+    def fetch(after: int, upto: int) -> list[Event]:
+        return [Event(e.step, e.block_id, e.kind, e.request_id, e.block_hash, e.group_id)
+                for e in reader.block_event_list(run_id, after, upto)]
+
+    return HolderIndex(fetch)
+
+
+def holders_at(run_id: int, step: int, created: str) -> Holders:
+    """Every request's block tables after `step` (ui.holders), from process-wide checkpoints."""
+    return _holder_index(db_url(), run_id, created).at(step)
+
+
 # Derived frames: computed once per run revision, then every slider move reuses them ---------
 @store_query(max_entries=16)
 def step_series(url: str, run_id: int, rev: str) -> pd.DataFrame:
@@ -182,30 +242,66 @@ def request_segments(url: str, run_id: int, rev: str, last_step: int) -> pd.Data
     return timeline.request_segments(request_events.at(url, run_id, rev), last_step)
 
 
+@store_query(max_entries=16)
+def jump_steps(url: str, run_id: int, rev: str) -> dict[str, np.ndarray]:
+    """Steps with a preemption, an eviction, a prefix hit (ui.analysis.jump_steps)."""
+    return analysis.jump_steps(steps.at(url, run_id, rev))
+
+
+@store_query(max_entries=16)
+def request_table(url: str, run_id: int, rev: str) -> pd.DataFrame:
+    return analysis.request_table(requests.at(url, run_id, rev))
+
+
 # Chart specs of a whole run: built (and validated) once per run revision; Replay layers the
 # current step's rule onto copies with ui.charts.with_step_rule.
-@store_query(max_entries=64)
-def run_chart_spec(url: str, run_id: int, rev: str, name: str, last_step: int) -> dict:
-    """'blocks', 'requests' or a ui.analysis.SERIES_LABELS column, as a Vega-Lite dict whose
-    named datasets are Arrow IPC bytes."""
+@store_query(max_entries=96)
+def run_chart_spec(url: str, run_id: int, rev: str, name: str, last_step: int,
+                   x: str = "step") -> dict:
+    """A whole-run chart over steps or (`x="t"`) time, as a Vega-Lite dict whose named
+    datasets are Arrow IPC bytes: 'blocks', 'requests_by_state', a PER_STEP_SERIES name or a
+    SERIES_LABELS column."""
+    series = step_series.at(url, run_id, rev)
+    rows = alt.NamedData("rows")
     if name == "blocks":
-        chart = charts.block_mix_chart(analysis.block_mix(step_series.at(url, run_id, rev)))
-    elif name == "requests":
-        chart = timeline.request_timeline_chart(
-            request_segments.at(url, run_id, rev, last_step), title="request timeline")
-    else:
-        chart = charts.series_chart(step_series.at(url, run_id, rev), name)
+        mix = analysis.block_mix(series).merge(series[["step", "t"]], on="step")
+        return _named(charts.block_mix_chart(rows, x=x), rows=mix)
+    if name == "requests_by_state":
+        seg = request_segments.at(url, run_id, rev, last_step)
+        counts = analysis.downsample(timeline.state_counts(seg, last_step), 4500)
+        return _named(timeline.state_counts_chart(rows), rows=counts)
+    if name in analysis.PER_STEP_SERIES:
+        title, _ = analysis.PER_STEP_SERIES[name]
+        return _named(charts.per_step_chart(rows, title, stacked=name == "tokens_per_step",
+                                            x=x), rows=analysis.per_step_long(series, name))
+    columns = list(dict.fromkeys(["step", x, name]))
+    return _named(charts.series_chart(rows, name, x=x), rows=series[columns])
+
+
+@store_query(max_entries=64)
+def timeline_spec(url: str, run_id: int, rev: str, last_step: int, page: int) -> dict:
+    """The Gantt chart of one page of requests (ui.timeline.PAGE_SIZE a page)."""
+    seg = request_segments.at(url, run_id, rev, last_step)
+    shown, first, last = timeline.page_of(seg, page)
+    title = (f"request timeline: requests {first:,}-{last:,} of {seg['request_id'].nunique():,}"
+             if timeline.num_pages(seg) > 1 else "request timeline")
+    return _named(timeline.request_timeline_chart(shown, title=title,
+                                                  data=alt.NamedData("segments")),
+                  segments=shown)
+
+
+def _named(chart: Any, **frames: pd.DataFrame) -> dict:
+    """A chart that reads named datasets, with those frames as Arrow IPC bytes. Streamlit
+    turns a dataset of rows into Arrow at every st.vega_lite_chart call and passes bytes
+    through untouched, so this is done once per run, not at every slider move; and Altair
+    never sees (nor validates, row by row) the data, which took seconds for 20,000 requests."""
     spec = chart.to_dict()
-    # Streamlit turns a dataset of rows into Arrow at every st.vega_lite_chart call and passes
-    # bytes through untouched: converted here once per run, not at every slider move (it was
-    # half of a move's server time with Replay's five whole-run charts).
-    spec["datasets"] = {k: arrow_ipc(rows) for k, rows in spec.get("datasets", {}).items()}
+    spec["datasets"] = {name: _frame_ipc(frame) for name, frame in frames.items()}
     return spec
 
 
-def arrow_ipc(rows: list[dict[str, Any]]) -> bytes:
-    """Rows as an Arrow IPC stream, the form Streamlit sends a chart's named dataset in."""
-    table = pa.Table.from_pylist(rows)
+def _frame_ipc(frame: pd.DataFrame) -> bytes:
+    table = pa.Table.from_pandas(frame, preserve_index=False)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)

@@ -44,9 +44,9 @@ class AxesForm:
     def show_error(self, message: str) -> None:
         for i, (name, _) in enumerate(self.rows):
             if message.startswith((f"axis {name}", f"--axis {name}", f"axis {name!r}")):
-                self.slots[f"axis{i}"].error(message, icon="⚠️")
+                self.slots[f"axis{i}"].error(message, icon=":material/warning:")
                 return
-        self.slots["general"].error(message, icon="⚠️")
+        self.slots["general"].error(message, icon=":material/warning:")
 
 
 def render_axes_form() -> AxesForm:
@@ -84,7 +84,8 @@ def render_axes_form() -> AxesForm:
 def build_spec(base: RunConfig, form: AxesForm, name: str | None) -> SweepSpec | None:
     """The sweep, or None after showing why not under the row it concerns."""
     if not form.rows:
-        form.slots["general"].info("Choose at least one axis to sweep.", icon="👆")
+        form.slots["general"].info("Choose at least one axis to sweep.",
+                                   icon=":material/arrow_upward:")
         return None
     try:
         axes = [parse_axis(f"{axis}={values}") for axis, values in form.rows]

@@ -53,13 +53,14 @@ def live_sweep_panel(live: LiveSweep) -> None:
 def live_outcome(live: LiveSweep) -> None:
     p = live.progress
     if live.phase == "failed":
-        st.error(f"Sweep #{live.sweep_id} failed: {live.error}", icon="🚫")
+        st.error(f"Sweep #{live.sweep_id} failed: {live.error}", icon=":material/error:")
     elif live.phase == "interrupted":
         st.warning(f"Sweep #{live.sweep_id} stopped: {p.done} points finished and are kept; "
-                   f"`python cli.py sweep --resume {live.sweep_id}` runs the rest.", icon="⏹️")
+                   f"`python cli.py sweep --resume {live.sweep_id}` runs the rest.",
+                   icon=":material/stop_circle:")
     else:
         st.success(f"Sweep #{live.sweep_id} finished: {p.done} points, {p.failed} failed, in "
-                   f"{p.elapsed_s:.0f} s.", icon="✅")
+                   f"{p.elapsed_s:.0f} s.", icon=":material/check_circle:")
 
 
 def pick_sweep(sweeps: pd.DataFrame, key: str = "sweep_pick") -> int | None:
@@ -108,7 +109,8 @@ def sweep_results(sweep_id: int, row: pd.Series) -> None:
     _points_table(points, axes)
     _replay_picker(points)
     st.download_button("Download the sweep (zip of every run)", lambda: _export(sweep_id),
-                       file_name=f"sweep-{sweep_id}.zip", mime="application/zip", icon="⬇️",
+                       file_name=f"sweep-{sweep_id}.zip", mime="application/zip",
+                       icon=":material/download:",
                        key=f"sweep_download_{sweep_id}",
                        help="manifest.json, points.csv and each run's .kvtrace.zip "
                             "(`cli.py import` takes those one by one)")
@@ -161,7 +163,7 @@ def _replay_picker(points: pd.DataFrame) -> None:
                               key="sweep_replay_pick")
     with right:
         st.write("")
-        st.page_link(REPLAY_PAGE, label=f"Replay run #{run_id}", icon="▶️",
+        st.page_link(REPLAY_PAGE, label=f"Replay run #{run_id}", icon=":material/play_arrow:",
                      query_params={"run": str(run_id)})
 
 
