@@ -20,6 +20,11 @@ with st.sidebar:
     if imported is not None:
         widgets.replay_link(imported, f"Open run #{imported}")
 runs = resources.list_runs()
+wanted_run = st.query_params.get("run")
+if wanted_run and wanted_run.isdigit() and (
+        runs.empty or int(wanted_run) not in set(runs["run_id"].astype(int))):
+    resources.refresh_runs()  # a link to a run newer than the cached list (it lives 5 s)
+    runs = resources.list_runs()
 if runs.empty:
     st.info("No runs stored yet: run the demo on the home page or a run in Experiment.",
             icon=":material/lightbulb:")

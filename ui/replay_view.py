@@ -4,6 +4,7 @@ lays the pieces out."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -33,12 +34,18 @@ def follow(run_id: int, status: str, last: int) -> None:
         return
     st.toggle("follow the newest step", key=FOLLOW_KEY,
               help="While the run goes on, jump to each new step as it is written")
+    # The poll's first call is part of this page run; a run that writes steps every few
+    # milliseconds has always grown by then, and rerunning from there would cut the page off
+    # above its grid, every time (a page that never finishes drawing). Only the poll's own
+    # timed calls, once the page is drawn, rerun it.
+    page_run_at = time.monotonic()
 
     @st.fragment(run_every=POLL_S)
     def poll() -> None:
         now_status, now_last = resources.run_progress(run_id)
         st.caption(f"Recording: {fmt.count(now_last)} steps so far.")
-        if now_last != last or now_status != status:
+        timed_call = time.monotonic() - page_run_at >= POLL_S / 2
+        if timed_call and (now_last != last or now_status != status):
             resources.refresh_runs()
             st.rerun(scope="app")
 

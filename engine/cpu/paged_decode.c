@@ -85,7 +85,8 @@ static void dequant_rows(const Cache *c, int j, int64_t blk, int off, int n, flo
         const uint16_t *restrict k16 = (const uint16_t *)c->kq + (page * bs + off) * D;
         const uint16_t *restrict v16 = (const uint16_t *)c->vq + (page * bs + off) * D;
         uint32_t *restrict kw = (uint32_t *)kout, *restrict vw = (uint32_t *)vout;
-        for (int i = 0; i < n * D; i++) kw[i] = (uint32_t)k16[i] << 16, vw[i] = (uint32_t)v16[i] << 16;
+        for (int i = 0; i < n * D; i++)
+            kw[i] = (uint32_t)k16[i] << 16, vw[i] = (uint32_t)v16[i] << 16;
         return;
     }
     if (c->format == FMT_FP16) {
