@@ -63,6 +63,7 @@ if steps.empty:
     st.warning("This run recorded no steps yet." if info.status == "running" else
                "This run recorded no steps.")
     replay_view.follow(run_id, info.status, 0)
+    replay_view.page_drawn()
     st.stop()
 first, last = int(steps["step"].min()), int(steps["step"].max())
 events = resources.request_events(run_id, rev)
@@ -152,3 +153,4 @@ step_view()
 
 st.subheader("Requests")
 replay_view.request_table(run_id, rev)
+replay_view.page_drawn()  # last: the poll of a running run may rerun the page now

@@ -21,6 +21,7 @@ from ui.holders import NULL, Holders
 STEP_KEY = "replay_step"
 FOLLOW_KEY = "replay_follow"
 POLL_S = 2.0  # how often the replay of a running run looks for new steps
+PAGE_DRAWN_KEY = "replay_page_drawn"  # when this session's last Replay page run ended
 CUMULATIVE = ("tokens_per_s", "blocks", "hit_rate", "evictions")
 PER_STEP = ("kv_usage_pct", "prefix_per_step", "tokens_per_step")
 X_AXES = {"step": "step", "t": "time (s)"}
@@ -29,27 +30,37 @@ X_AXES = {"step": "step", "t": "time (s)"}
 # Following a running run ------------------------------------------------------------------
 def follow(run_id: int, status: str, last: int) -> None:
     """For a run still being written: a toggle to follow its head, and a poll every POLL_S
-    that reruns the page when steps were added (the slider and charts then grow)."""
+    that reruns the page when steps were added (the slider and charts then grow).
+
+    The poll reruns the page only once this page run has drawn to its end (`page_drawn`), and
+    then not sooner than the page took to draw. A run writes steps every few milliseconds, so
+    it has always grown by the next poll; rerunning whenever it had would, on a busy machine
+    where the page takes longer than POLL_S, restart the page before it finished drawing, over
+    and over: a page that never shows its grid and a Stop button that moves under the mouse."""
     if status != "running":
         return
     st.toggle("follow the newest step", key=FOLLOW_KEY,
               help="While the run goes on, jump to each new step as it is written")
-    # The poll's first call is part of this page run; a run that writes steps every few
-    # milliseconds has always grown by then, and rerunning from there would cut the page off
-    # above its grid, every time (a page that never finishes drawing). Only the poll's own
-    # timed calls, once the page is drawn, rerun it.
-    page_run_at = time.monotonic()
+    page_started = time.monotonic()
 
     @st.fragment(run_every=POLL_S)
     def poll() -> None:
         now_status, now_last = resources.run_progress(run_id)
         st.caption(f"Recording: {fmt.count(now_last)} steps so far.")
-        timed_call = time.monotonic() - page_run_at >= POLL_S / 2
-        if timed_call and (now_last != last or now_status != status):
+        drawn = st.session_state.get(PAGE_DRAWN_KEY, 0.0)
+        if drawn < page_started:  # this page run is still drawing (or was cut off)
+            return
+        idle_enough = time.monotonic() - drawn >= max(POLL_S / 2, drawn - page_started)
+        if idle_enough and (now_last != last or now_status != status):
             resources.refresh_runs()
             st.rerun(scope="app")
 
     poll()
+
+
+def page_drawn() -> None:
+    """Mark the Replay page as drawn to its end: the poll of a running run may rerun it now."""
+    st.session_state[PAGE_DRAWN_KEY] = time.monotonic()
 
 
 # Stepping and jumping ---------------------------------------------------------------------
