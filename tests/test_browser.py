@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from replay_fixtures import synthetic_run
-from streamlit_server import CHROMIUM, ROOT, streamlit_server
+from streamlit_server import CHROMIUM, ROOT, streamlit_server, wait_for_rerun
 
 from store import open_store
 
@@ -165,6 +165,7 @@ def choose(page, label: str, option: str) -> None:
     box.click()
     page.get_by_role("option", name=option, exact=True).click()
     playwright_api.expect(box.get_by_role("combobox")).to_have_value(option)
+    wait_for_rerun(page)  # the server has the new value before anything else is clicked
 
 
 def test_a_reload_reattaches_and_the_replay_of_a_running_run_grows(db_url, tmp_path, browser):
