@@ -17,6 +17,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
 START_TIMEOUT_S = 60
+# The app's script state as its frontend shows it. A click that lands while the rerun caused
+# by the previous input is still going can be answered by a run that never saw that input (a
+# Run click right after choosing a preset started the default preset), so the browser tests
+# wait for the rerun an input caused to finish before the next click.
+SCRIPT_RUNNING_JS = """() => document.querySelector("[data-testid='stApp']")
+    ?.getAttribute('data-test-script-state') === 'running'"""
+SCRIPT_IDLE_JS = """() => document.querySelector("[data-testid='stApp']")
+    ?.getAttribute('data-test-script-state') === 'notRunning'"""
+RERUN_START_MS = 3_000  # the rerun an input causes has started by then (or come and gone)
+RERUN_END_MS = 120_000
+
+
+def wait_for_rerun(page) -> None:
+    """After an input on a Playwright (sync) page: wait until the rerun it caused is over."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(SCRIPT_RUNNING_JS, timeout=RERUN_START_MS, polling=50)
+    except PlaywrightTimeout:
+        pass  # too quick to be seen, or not started: either way the idle wait decides
+    page.wait_for_function(SCRIPT_IDLE_JS, timeout=RERUN_END_MS)
+
+
+async def wait_for_rerun_async(page) -> None:
+    """`wait_for_rerun` for a page of Playwright's async API."""
+    from playwright.async_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        await page.wait_for_function(SCRIPT_RUNNING_JS, timeout=RERUN_START_MS, polling=50)
+    except PlaywrightTimeout:
+        pass
+    await page.wait_for_function(SCRIPT_IDLE_JS, timeout=RERUN_END_MS)
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from store_fixtures import assert_consistent
-from streamlit_server import CHROMIUM, streamlit_server
+from streamlit_server import CHROMIUM, streamlit_server, wait_for_rerun_async
 
 from engine.config import RunConfig, SamplingConfig, WorkloadSpec
 from engine.run import run
@@ -175,6 +175,7 @@ async def open_experiment(browser, url: str):
     await model.click()
     await page.get_by_role("option", name="tiny", exact=True).click()
     await playwright_api.expect(model.get_by_role("combobox")).to_have_value("tiny")
+    await wait_for_rerun_async(page)  # else a quick Run click may start the default model
     return page
 
 
