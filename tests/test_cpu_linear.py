@@ -101,3 +101,11 @@ def test_a_cpu_without_avx512_bf16_falls_back(monkeypatch, fresh_library):
     x, w = operands(1, 96, 64, seed=6)
     assert linear.linear_bf16(x, w) is None
     assert torch.equal(llama.linear(x, w), F.linear(x, w))
+
+
+def test_calls_autograd_follows_stay_with_pytorch():
+    x, w = operands(1, 32, 64, seed=7)
+    w.requires_grad_(True)
+    assert linear.linear_bf16(x, w) is None  # autograd would see nothing the kernel did
+    with torch.no_grad():
+        assert (linear.linear_bf16(x, w) is not None) == linear.available()

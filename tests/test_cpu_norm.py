@@ -15,7 +15,7 @@ needs_library = pytest.mark.skipif(library.load() is None, reason="no CPU librar
 
 def make_norm(width: int, seed: int) -> nn.RMSNorm:
     g = torch.Generator().manual_seed(seed)
-    module = nn.RMSNorm(width, eps=1e-5).bfloat16()
+    module = nn.RMSNorm(width, eps=1e-5).bfloat16().requires_grad_(False)  # as loaded
     module.weight.data = (torch.randn(width, generator=g) * 0.3 + 1).bfloat16()
     return module
 

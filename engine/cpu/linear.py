@@ -13,7 +13,7 @@ import ctypes
 
 import torch
 
-from engine.cpu import library
+from engine.cpu import library, tracks_grad
 
 # Above this many rows oneDNN's blocked GEMM, which reuses each weight tile across rows from
 # registers, beats this kernel's row-by-row dot products. All of SmolLM2's matmuls on the
@@ -53,7 +53,8 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x (T, in) @ weight (out, in).T -> (T, out) bf16, fp32 accumulation; None where the
     kernel does not apply. Called for every Linear of every decode step: cheap checks only."""
     if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not x.is_cpu
-            or x.dim() != 2 or x.shape[0] > MAX_ROWS or x.shape[0] == 0):
+            or x.dim() != 2 or x.shape[0] > MAX_ROWS or x.shape[0] == 0
+            or tracks_grad(x, weight)):
         return None
     fn = _ENTRY.get()
     if fn is None:

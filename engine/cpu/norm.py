@@ -11,7 +11,7 @@ import ctypes
 
 import torch
 
-from engine.cpu import library
+from engine.cpu import library, tracks_grad
 
 _ptr = ctypes.c_void_p
 
@@ -46,7 +46,8 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float,
     None where the kernel does not apply."""
     if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not x.is_cpu
             or x.dim() != 2 or (residual is not None and (residual.shape != x.shape
-                                                          or residual.dtype != x.dtype))):
+                                                          or residual.dtype != x.dtype))
+            or tracks_grad(x, weight)):
         return None
     fn = _ENTRY.get()
     if fn is None:

@@ -20,6 +20,7 @@ from engine.attention.layer import Attention
 from engine.attention.metadata import AttentionMetadata
 from engine.cpu import linear as cpu_linear
 from engine.cpu import norm as cpu_norm
+from engine.cpu import pointwise as cpu_pointwise
 from engine.kv_cache.spec import KVCacheSpec
 from engine.models.config import LlamaConfig
 
@@ -94,8 +95,12 @@ class SelfAttention(nn.Module):
         t = x.shape[0]
         h, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = linear(x, self.qkv_proj.weight).view(t, h + 2 * hk, d)  # (T, H + 2Hk, D)
-        # q and k are adjacent in the fused output: rotate both with one set of ops
-        qk = apply_rope(qkv[:, : h + hk], cos, sin)  # (T, H + Hk, D)
+        # q and k are adjacent in the fused output: rotate both at once (on CPU bf16 in place,
+        # one C call; qkv is this step's own fresh tensor)
+        if cpu_pointwise.rope_bf16(qkv, h + hk, cos, sin):
+            qk = qkv[:, : h + hk]
+        else:
+            qk = apply_rope(qkv[:, : h + hk], cos, sin)  # (T, H + Hk, D)
         q, k = qk[:, :h], qk[:, h:]  # (T, H, D), (T, Hk, D)
         v = qkv[:, h + hk:]  # (T, Hk, D)
         out = attention.forward(q, k, v, metadata)  # (T, H, D)
@@ -110,8 +115,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)  # (T, I) each
-        return linear(F.silu(gate) * up, self.down_proj.weight)  # (T, C)
+        gate_up = linear(x, self.gate_up_proj.weight)  # (T, 2I): gate, then up
+        act = cpu_pointwise.silu_mul_bf16(gate_up)  # one C call on CPU bf16, else None
+        if act is None:
+            gate, up = gate_up.chunk(2, dim=-1)  # (T, I) each
+            act = F.silu(gate) * up
+        return linear(act, self.down_proj.weight)  # (T, C)
 
 
 class DecoderLayer(nn.Module):
