@@ -34,33 +34,13 @@ HALF_FORMATS = {torch.bfloat16: 4, torch.float16: 5}
 QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class _Kernel:
-    """The decode entry points of the loaded library: `fn` (fp32 caches) and `quant_fn`
-    (quantized and 16-bit caches), None while the library is unavailable. Bound again when
-    the library is (tests reset it)."""
-
-    def __init__(self) -> None:
-        self.lib: ctypes.CDLL | None = None
-        self.fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
-        self.quant_fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
-
-    def get(self) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-        lib = library.load()
-        if lib is not self.lib:
-            self.lib, self.fn, self.quant_fn = lib, None, None
-            if lib is not None:
-                self.fn, self.quant_fn = lib.paged_decode_f32, lib.paged_decode_quant
-                self.fn.argtypes, self.fn.restype = _ARGTYPES, _c_int
-                self.quant_fn.argtypes, self.quant_fn.restype = _QUANT_ARGTYPES, _c_int
-        return self.fn
-
-
-_KERNEL = _Kernel()
+_F32 = library.Entry("paged_decode_f32", _ARGTYPES)  # fp32 caches
+_QUANT = library.Entry("paged_decode_quant", _QUANT_ARGTYPES)  # quantized and 16-bit caches
 
 
 def available() -> bool:
     """Whether the kernel is built and loaded (building it now if needed)."""
-    return _KERNEL.get() is not None
+    return _F32.get() is not None
 
 
 def paged_decode_half(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -69,7 +49,10 @@ def paged_decode_half(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """`paged_decode` for bf16 / fp16 caches under an fp32 query (rows widened to fp32 inside
     the block loop); None where the kernel does not apply."""
     if (not q.is_cpu or q.dtype not in QUERY_DTYPES or k_cache.dtype not in HALF_FORMATS
-            or v_cache.dtype != k_cache.dtype or _KERNEL.get() is None):
+            or v_cache.dtype != k_cache.dtype):
+        return None
+    quant_fn = _QUANT.get()
+    if quant_fn is None:
         return None
     out_dtype, q = q.dtype, q.float().contiguous()
     b, h, d = q.shape
@@ -78,7 +61,7 @@ def paged_decode_half(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError("paged_decode_half: unexpected cache layout or shapes")
     block_tables, context_lens = block_tables.long().contiguous(), context_lens.long()
     out = torch.empty_like(q)
-    status = _KERNEL.quant_fn(
+    status = quant_fn(
         HALF_FORMATS[k_cache.dtype], q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         None, None, None, None, 1, None, None, 0, None, block_tables.data_ptr(),
         context_lens.data_ptr(), out.data_ptr(), b, h, hk, d, num_blocks, bs,
@@ -100,7 +83,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if (not q.is_cpu or q.dtype not in QUERY_DTYPES or k_cache.dtype != torch.float32
             or v_cache.dtype != torch.float32):
         return None
-    fn = _KERNEL.get()
+    fn = _F32.get()
     if fn is None:
         return None
     b, h, d = q.shape
@@ -140,7 +123,8 @@ def paged_decode_quantized(q: torch.Tensor, cache: LayerCache, block_tables: tor
     if (not q.is_cpu or q.dtype not in QUERY_DTYPES or cache.residual is None
             or cache.residual[0].dtype != torch.float32 or spec.kv_dtype not in QUANT_FORMATS):
         return None
-    if _KERNEL.get() is None or _KERNEL.quant_fn is None:
+    quant_fn = _QUANT.get()
+    if quant_fn is None:
         return None
     out_dtype = q.dtype
     q = q.float().contiguous()  # a slice of the fused q/k/v projection
@@ -164,7 +148,7 @@ def paged_decode_quantized(q: torch.Tensor, cache: LayerCache, block_tables: tor
         raise ValueError("paged_decode_quantized: unexpected cache layout or shapes")
     out = torch.empty_like(q)  # (B, H, D)
     ptr = [None if p is None else p.data_ptr() for p in parts]
-    status = _KERNEL.quant_fn(
+    status = quant_fn(
         QUANT_FORMATS[spec.kv_dtype], q.data_ptr(), k_q.data_ptr(), v_q.data_ptr(), *ptr,
         groups, res_k.data_ptr(), res_v.data_ptr(), slots, tail_slots.data_ptr(),
         block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(), b, h, hk, d,

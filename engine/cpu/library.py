@@ -20,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from engine.cache_files import atomic_write, cache_dir
@@ -122,3 +123,25 @@ def reset() -> None:
     """Forget the loaded (or failed) library; the next call loads again. For tests."""
     global _LIBRARY
     _LIBRARY = _Library()
+
+
+class Entry:
+    """One function of the library with its C signature, bound on first use and again after
+    `reset()`; `get()` is None while the library is unavailable, or when `usable` (called once
+    with the bound function) says this build cannot serve it."""
+
+    def __init__(self, name: str, argtypes: list, restype: type | None = ctypes.c_int,
+                 usable: Callable[[ctypes._CFuncPtr], bool] | None = None) -> None:  # type: ignore[name-defined]
+        self.name, self.argtypes, self.restype, self.usable = name, argtypes, restype, usable
+        self._lib: ctypes.CDLL | None = None
+        self._fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
+
+    def get(self) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+        lib = load()  # cheap after the first call: this runs for every op of a decode step
+        if lib is not self._lib:
+            self._lib, self._fn = lib, None
+            if lib is not None:
+                fn = getattr(lib, self.name)
+                fn.argtypes, fn.restype = self.argtypes, self.restype
+                self._fn = fn if self.usable is None or self.usable(fn) else None
+        return self._fn

@@ -22,26 +22,9 @@ MAX_ROWS = 12
 _ptr, _c_int = ctypes.c_void_p, ctypes.c_int
 
 
-class _Entry:
-    """`linear_bf16` of the loaded library, or None (unavailable, or built without
-    AVX512-BF16: learnt from the kernel's -2 on the first call)."""
-
-    def __init__(self) -> None:
-        self.lib: ctypes.CDLL | None = None
-        self.fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
-
-    def get(self) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-        lib = library.load()
-        if lib is not self.lib:
-            self.lib, self.fn = lib, None
-            if lib is not None:
-                fn = lib.linear_bf16
-                fn.argtypes, fn.restype = [_ptr] * 3 + [_c_int] * 4, _c_int
-                self.fn = fn if fn(None, None, None, 0, 0, 0, 1) != -2 else None
-        return self.fn
-
-
-_ENTRY = _Entry()
+# built without AVX512-BF16, the kernel answers -2 (a call with no rows reads nothing)
+_ENTRY = library.Entry("linear_bf16", [_ptr] * 3 + [_c_int] * 4,
+                       usable=lambda fn: fn(None, None, None, 0, 0, 0, 1) != -2)
 
 
 def available() -> bool:

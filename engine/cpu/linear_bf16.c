@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "pool.h"
 
 #ifdef __AVX512BF16__
@@ -30,14 +31,6 @@ typedef struct {
     uint16_t *y;
     int M, N, K, rows_per_item;
 } Linear;
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even */
-    return (uint16_t)(u >> 16);
-}
 
 #define LOAD(p) ((__m512bh)_mm512_loadu_si512(p))
 #define LOAD_TAIL(mask, p) ((__m512bh)_mm512_maskz_loadu_epi16(mask, p))
@@ -71,8 +64,10 @@ static void row_dot(const Linear *a, const uint16_t *w, int n, int m0, int xs) {
         for (int j = 0; j < xs; j++)
             odd[j] = _mm512_dpbf16_ps(odd[j], w0, LOAD_TAIL(tail, x + (int64_t)j * K + k));
     }
-    for (int j = 0; j < xs; j++)
-        a->y[(int64_t)(m0 + j) * a->N + n] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(even[j], odd[j])));
+    for (int j = 0; j < xs; j++) {
+        const float sum = _mm512_reduce_add_ps(_mm512_add_ps(even[j], odd[j]));
+        a->y[(int64_t)(m0 + j) * a->N + n] = to_bf16(sum);
+    }
 }
 
 static void run_rows(const void *ctx, int item, float *scratch, atomic_int *status) {

@@ -16,26 +16,7 @@ from engine.cpu import library, tracks_grad
 _ptr = ctypes.c_void_p
 
 
-class _Entry:
-    """`rms_norm_bf16` of the loaded library, or None."""
-
-    def __init__(self) -> None:
-        self.lib: ctypes.CDLL | None = None
-        self.fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
-
-    def get(self) -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-        lib = library.load()
-        if lib is not self.lib:
-            self.lib, self.fn = lib, None
-            if lib is not None:
-                fn = lib.rms_norm_bf16
-                fn.argtypes = [_ptr] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.c_float]
-                fn.restype = ctypes.c_int
-                self.fn = fn
-        return self.fn
-
-
-_ENTRY = _Entry()
+_ENTRY = library.Entry("rms_norm_bf16", [_ptr] * 5 + [ctypes.c_int, ctypes.c_int, ctypes.c_float])
 
 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float,

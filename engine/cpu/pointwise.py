@@ -17,26 +17,8 @@ from engine.cpu import library, tracks_grad
 _ptr, _c_int = ctypes.c_void_p, ctypes.c_int
 
 
-class _Entries:
-    """The two entry points of the loaded library, or None."""
-
-    def __init__(self) -> None:
-        self.lib: ctypes.CDLL | None = None
-        self.silu_mul: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
-        self.rope: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
-
-    def get(self) -> _Entries | None:
-        lib = library.load()
-        if lib is not self.lib:
-            self.lib, self.silu_mul, self.rope = lib, None, None
-            if lib is not None:
-                self.silu_mul, self.rope = lib.silu_mul_bf16, lib.rope_bf16
-                self.silu_mul.argtypes, self.silu_mul.restype = [_ptr] * 2 + [_c_int] * 2, None
-                self.rope.argtypes, self.rope.restype = [_ptr] * 3 + [_c_int] * 4, None
-        return self if lib is not None else None
-
-
-_ENTRIES = _Entries()
+_SILU_MUL = library.Entry("silu_mul_bf16", [_ptr] * 2 + [_c_int] * 2, restype=None)
+_ROPE = library.Entry("rope_bf16", [_ptr] * 3 + [_c_int] * 4, restype=None)
 
 
 def _is_cpu_bf16(*tensors: torch.Tensor) -> bool:
@@ -50,12 +32,12 @@ def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor | None:
     if (not _is_cpu_bf16(gate_up) or gate_up.dim() != 2 or gate_up.shape[1] % 2
             or not gate_up.is_contiguous()):
         return None
-    entries = _ENTRIES.get()
-    if entries is None:
+    fn = _SILU_MUL.get()
+    if fn is None:
         return None
     rows, width = gate_up.shape
     out = torch.empty(rows, width // 2, dtype=torch.bfloat16)
-    entries.silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
+    fn(gate_up.data_ptr(), out.data_ptr(), rows, width // 2)
     return out
 
 
@@ -69,9 +51,9 @@ def rope_bf16(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor)
     if (cos.shape != (rows, width) or sin.shape != (rows, width) or width % 2
             or not 0 <= heads <= heads_total):
         return False
-    entries = _ENTRIES.get()
-    if entries is None:
+    fn = _ROPE.get()
+    if fn is None:
         return False
     cos, sin = cos.contiguous(), sin.contiguous()
-    entries.rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows, heads, heads_total, width)
+    fn(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows, heads, heads_total, width)
     return True

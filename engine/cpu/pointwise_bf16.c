@@ -8,20 +8,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float from_bf16(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even */
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 /* gate_up (rows, 2 * I): gate then up, as the fused projection writes them; out (rows, I). */
 void silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int rows, int inter) {

@@ -11,20 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float from_bf16(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest, ties to even */
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 /* x, out (rows, C); weight (C,). With sum_out not NULL, the row normed is x + residual (both
  * (rows, C)), and that sum is written to sum_out. C <= 8192. Returns 0, or -2 for a C too
