@@ -13,7 +13,7 @@ import pytest
 
 from engine.config import ConfigError
 from engine.trace import BlockState
-from ui import analysis, block_grid, charts, timeline
+from ui import analysis, block_grid, block_grid_chart, charts, free_queue, timeline
 from ui.config_form import config_from_values
 
 
@@ -209,7 +209,7 @@ def test_block_frame_colours_by_state_and_labels_shared_blocks():
     assert cells[["x", "y"]].values.tolist() == [[0, 0], [1, 0], [2, 0], [3, 0]]
     assert cells["label"].tolist() == ["", "", "2", ""]
     assert cells.loc[1, "holders"] == "request 7 (last to take it)"  # no holders given
-    queue = block_grid.free_queue_frame(STATE)
+    queue = free_queue.free_queue_frame(STATE)
     assert queue["block_id"].tolist() == [3, 0]
     assert queue["state"].tolist() == ["free, cached", "free"]
 
@@ -222,7 +222,7 @@ def test_grid_columns_make_a_roughly_two_to_one_grid(blocks, columns):
 def test_block_grid_spec_draws_one_cell_per_block():
     layout = block_grid.plan(4)
     frame = block_grid.block_frame(STATE, layout)
-    spec = block_grid.block_grid_spec(frame, layout)
+    spec = block_grid_chart.block_grid_spec(frame, layout)
     rects, outline, marks, labels = spec["layer"][:4]  # (then the lane titles)
     assert rects["mark"]["type"] == "rect" and labels["mark"]["type"] == "text"
     enc = encodings(rects)
@@ -233,12 +233,12 @@ def test_block_grid_spec_draws_one_cell_per_block():
     assert rows(spec) == frame.to_dict("records")
     assert spec["autosize"]["type"] == "fit-x" and "width" not in spec  # fits its column
     spec["datasets"]["blocks"] = None  # Streamlit may edit a spec: the template stays whole
-    again = block_grid.block_grid_spec(frame, layout)
+    again = block_grid_chart.block_grid_spec(frame, layout)
     assert len(rows(again)) == 4
 
 
 def test_free_queue_spec_shows_the_head_of_the_queue_in_order():
-    spec = block_grid.free_queue_spec(block_grid.free_queue_frame(STATE))
+    spec = free_queue.free_queue_spec(free_queue.free_queue_frame(STATE))
     assert spec["title"] == "Free queue, LRU first"  # the same at every step
     rects = spec["layer"][0]
     assert rects["mark"]["type"] == "rect" and encodings(rects)["color"] == ("state", "nominal")
@@ -246,9 +246,9 @@ def test_free_queue_spec_shows_the_head_of_the_queue_in_order():
         (0, 3, "free, cached"), (1, 0, "free")]
     n = 300
     long = BlockState([0] * n, [None] * n, [None] * n, list(range(n)))
-    spec = block_grid.free_queue_spec(block_grid.free_queue_frame(long, limit=256))
+    spec = free_queue.free_queue_spec(free_queue.free_queue_frame(long, limit=256))
     assert [r["block_id"] for r in rows(spec)] == list(range(256))
-    assert block_grid.free_queue_caption(300, 0) == (
+    assert free_queue.free_queue_caption(300, 0) == (
         "Free queue: 300 blocks, 0 of them cached; the first is reused (and evicted, if "
         "cached) next (the first 256 drawn)")
 

@@ -16,7 +16,7 @@ from engine.config import RunConfig, SamplingConfig, WorkloadSpec
 from engine.run import run
 from engine.trace import ListSink
 from store import RunReader, RunWriter, import_run
-from ui import block_grid, charts, widgets
+from ui import block_grid, block_grid_chart, charts, widgets
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = "pages/2_Replay.py"
@@ -69,13 +69,13 @@ def named_dataset(proto, name: str) -> list[dict]:
 
 def grid_of(at: AppTest):
     grids = [c.proto for c in at.get("vega_lite_chart")
-             if any(d.name == block_grid.GRID_DATA for d in c.proto.datasets)]
+             if any(d.name == block_grid_chart.GRID_DATA for d in c.proto.datasets)]
     assert len(grids) == 1, len(grids)
     return grids[0]
 
 
 def grid_rows(at: AppTest) -> list[dict]:
-    return named_dataset(grid_of(at), block_grid.GRID_DATA)
+    return named_dataset(grid_of(at), block_grid_chart.GRID_DATA)
 
 
 def cells(at: AppTest) -> dict[int, dict]:

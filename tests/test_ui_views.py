@@ -13,7 +13,7 @@ import pytest
 
 from engine.config import RunConfig, WorkloadSpec
 from engine.trace import BlockState
-from ui import analysis, block_grid, charts, timeline
+from ui import analysis, block_grid, block_grid_chart, charts, timeline
 from ui import format as fmt
 from ui.holders import Event, Holders
 
@@ -59,13 +59,13 @@ def test_an_aggregated_cell_is_split_by_the_share_of_each_state():
 def test_a_500000_block_grid_builds_well_within_its_budget():
     state = random_state(500_000)
     layout = block_grid.plan(500_000)
-    block_grid.block_grid_spec(block_grid.block_frame(state, layout), layout)  # the template
+    block_grid_chart.block_grid_spec(block_grid.block_frame(state, layout), layout)  # the template
     start = time.perf_counter()
     frame = block_grid.block_frame(state, layout)
-    spec = block_grid.block_grid_spec(frame, layout)
+    spec = block_grid_chart.block_grid_spec(frame, layout)
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0, elapsed  # ~0.1 s here; the page adds the store's share
-    assert spec["datasets"][block_grid.GRID_DATA].num_rows == len(frame) < 4 * 2048
+    assert spec["datasets"][block_grid_chart.GRID_DATA].num_rows == len(frame) < 4 * 2048
 
 
 def test_changed_blocks_are_marked_by_their_most_telling_change():

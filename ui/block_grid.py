@@ -1,4 +1,6 @@
-"""The block grid and the LRU free queue of one step: BlockState -> DataFrame -> Vega-Lite dict.
+"""The block grid of one step, as data: its layout (GridLayout, `plan`) and BlockState ->
+DataFrame (`block_frame`). The chart drawn from that frame is ui/block_grid_chart.py; the LRU
+free queue beside it is ui/free_queue.py.
 
 A cell per KV block: grey when free, amber when free but still hashed (a prefix hit can revive
 it until it is evicted), blue when in use, darker and numbered when several requests share it. A
@@ -16,17 +18,12 @@ Arrays throughout (numpy), so a 500,000-block pool costs tens of milliseconds pe
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import altair as alt
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from engine.config import RunConfig
 from engine.trace import BlockState
@@ -34,17 +31,11 @@ from ui.block_cells import CHANGE_PRIORITY, block_details, change_codes
 from ui.charts import STATE_COLOURS
 from ui.holders import Holders
 
-GRID_DATA = "blocks"  # the templates' named datasets
-QUEUE_DATA = "free_queue"
-MAX_QUEUE_CELLS = 256  # the head of the free queue that is drawn (next to be evicted first)
-QUEUE_COLUMNS = 16
 MAX_COLUMNS = 64
 MAX_CELLS = 2048  # cells drawn at most: beyond, a cell stands for a range of blocks
 CELL_HEIGHT_PX = (8, 22)  # a row's height: the column's width is unknown here, so assumed
 ASSUMED_WIDTH_PX = 560
 STATES = list(STATE_COLOURS)  # "in use", "free, cached", "free": the state codes 0, 1, 2
-CHANGE_COLOURS = {"allocated": "#16a34a", "prefix hit": "#7c3aed", "cached": "#0891b2",
-                  "freed": "#111827", "evicted": "#dc2626", "dropped": "#db2777"}
 _GAP = 0.08  # the white gap around a cell, in cells
 
 
@@ -244,135 +235,3 @@ def _pieces(cells: dict[str, np.ndarray]) -> pd.DataFrame:
     single = (out["blocks"] == 1) & (out["ref_count"] > 1)
     out["label"] = np.where(single, out["ref_count"].astype(str), "")
     return pd.DataFrame({c: out[c] for c in _COLUMNS})
-
-
-# The spec -------------------------------------------------------------------------------------
-def block_grid_spec(frame: pd.DataFrame, layout: GridLayout) -> dict[str, Any]:
-    """The grid as a Vega-Lite dict from a template built once per layout (so a step's redraw
-    only swaps the data: the browser keeps the chart). The frame goes as an Arrow table."""
-    spec = copy.deepcopy(_grid_template(layout.aggregated, layout.columns, layout.rows,
-                                        layout.height_px))
-    spec["datasets"] = {GRID_DATA: pa.Table.from_pandas(frame, preserve_index=False)}
-    return spec
-
-
-@functools.lru_cache(maxsize=64)
-def _grid_template(aggregated: bool, cols: int, rows: int, height: int) -> dict[str, Any]:
-    return _grid_chart(alt.NamedData(GRID_DATA), aggregated, cols, rows, height).to_dict()
-
-
-def _grid_chart(data: Any, aggregated: bool, cols: int, rows: int, height: int) -> alt.LayerChart:
-    # Every layer states the same scales: Vega-Lite 5 fails to merge a reversed scale with a
-    # layer's default one (and Streamlit then draws nothing).
-    x_scale = alt.Scale(domain=[0, cols], nice=False, zero=False)
-    y_scale = alt.Scale(domain=[0, rows], nice=False, zero=False, reverse=True)
-
-    def x(field: str) -> alt.X:
-        return alt.X(f"{field}:Q", axis=None, scale=x_scale)
-
-    def y(field: str) -> alt.Y:
-        return alt.Y(f"{field}:Q", axis=None, scale=y_scale)
-
-    base = alt.Chart(data)
-    cells = base.transform_filter("datum.block_id >= 0")
-    rects = cells.mark_rect().encode(
-        x=x("xa"), x2="xb:Q", y=y("ya"), y2="yb:Q",
-        color=alt.Color("state:N", scale=alt.Scale(domain=STATES,
-                        range=[STATE_COLOURS[s] for s in STATES]),
-                        legend=alt.Legend(orient="bottom", title=None)),
-        opacity=alt.condition("datum.ref_count > 1 || datum.blocks > 1", alt.value(1.0),
-                              alt.value(0.75)),
-        tooltip=_range_tooltip() if aggregated else _block_tooltip(),
-    )
-    first = cells.transform_filter("datum.first == 1")
-    outline = first.transform_filter("datum.hl == 1").mark_rect(
-        filled=False, stroke="#111827", strokeWidth=2).encode(
-        x=x("xa"), x2="xb:Q", y=y("y"), y2="y_end:Q").transform_calculate(y_end="datum.y + 1")
-    marks = first.transform_filter("datum.changed > 0").transform_calculate(
-        cx="datum.x + 0.78", cy="datum.y + 0.26").mark_point(filled=True, size=18).encode(
-        x=x("cx"), y=y("cy"),
-        # fill, not color: a second colour scale (resolved independently) kept Streamlit's
-        # Vega-Lite from drawing the chart at all
-        fill=alt.Fill("change:N", scale=alt.Scale(domain=list(CHANGE_COLOURS),
-                      range=list(CHANGE_COLOURS.values())),
-                      legend=alt.Legend(orient="top", title="this step")),
-        tooltip=_range_tooltip() if aggregated else _block_tooltip())
-    layers = [rects, outline, marks]
-    if not aggregated:
-        layers.append(first.mark_text(fontSize=9, color="white").encode(
-            x=x("xm"), y=y("ym"), text="label:N"))
-    lanes = base.transform_filter("datum.block_id < 0").mark_text(
-        align="left", baseline="middle", fontSize=11, fontWeight="bold").encode(
-        x=x("x"), y=y("ya"), text="lane:N")
-    # fit-x: the width follows the column, the height stays the rows' (Streamlit's default
-    # "fit" squeezed the cells into a strip once the legends took their share)
-    return alt.layer(*layers, lanes).properties(
-        height=height, autosize=alt.AutoSizeParams(type="fit-x", contains="padding"))
-
-
-def _block_tooltip() -> list[alt.Tooltip]:
-    return [alt.Tooltip("block_id:Q", title="block"), alt.Tooltip("state:N"),
-            alt.Tooltip("ref_count:Q", title="ref count"), alt.Tooltip("holders:N",
-                                                                      title="held by"),
-            alt.Tooltip("tokens:N"), alt.Tooltip("text:N"), alt.Tooltip("hash:N"),
-            alt.Tooltip("parent:N", title="parent's hash"),
-            alt.Tooltip("group:N", title="KV cache group"),
-            alt.Tooltip("change_text:N", title="this step")]
-
-
-def _range_tooltip() -> list[alt.Tooltip]:
-    return [alt.Tooltip("block_id:Q", title="from block"),
-            alt.Tooltip("last_block:Q", title="to block"), alt.Tooltip("blocks:Q"),
-            alt.Tooltip("in_use:Q", title="in use"),
-            alt.Tooltip("cached:Q", title="free, cached"), alt.Tooltip("free:Q"),
-            alt.Tooltip("changed:Q", title="changed this step")]
-
-
-# The free queue -------------------------------------------------------------------------------
-def free_queue_frame(state: BlockState, limit: int = MAX_QUEUE_CELLS) -> pd.DataFrame:
-    """The head of the free queue in eviction order: position, block, cached or not."""
-    head = state.free_queue[:limit]
-    return pd.DataFrame(
-        {"position": np.arange(len(head), dtype=np.int64),
-         "block_id": np.asarray(head, dtype=np.int64),
-         "state": ["free, cached" if state.block_hashes[b] is not None else "free"
-                   for b in head]},
-        columns=["position", "block_id", "state"])
-
-
-def free_queue_caption(num_free: int, num_cached: int, limit: int = MAX_QUEUE_CELLS) -> str:
-    """What the free queue holds (from the step's record: no walk over a long queue)."""
-    shown = f" (the first {limit:,} drawn)" if num_free > limit else ""
-    return (f"Free queue: {num_free:,} blocks, {num_cached:,} of them cached; the first is "
-            f"reused (and evicted, if cached) next{shown}")
-
-
-def free_queue_spec(queue: pd.DataFrame) -> dict[str, Any]:
-    """The queue's head in reading order (first cell: evicted next), cached blocks in amber,
-    as a Vega-Lite dict from a template (see block_grid_spec)."""
-    spec = copy.deepcopy(_queue_template())
-    spec["datasets"] = {QUEUE_DATA: pa.Table.from_pandas(queue, preserve_index=False)}
-    return spec
-
-
-@functools.lru_cache(maxsize=1)
-def _queue_template() -> dict[str, Any]:
-    return _queue_chart(alt.NamedData(QUEUE_DATA), "Free queue, LRU first").to_dict()
-
-
-def _queue_chart(data: pd.DataFrame | alt.NamedData, title: str) -> alt.LayerChart:
-    # Wrapped in rows of QUEUE_COLUMNS, read left to right, top to bottom, like text.
-    base = alt.Chart(data, width=alt.Step(20), height=alt.Step(20)
-                     ).transform_calculate(col=f"datum.position % {QUEUE_COLUMNS}",
-                                           row=f"floor(datum.position / {QUEUE_COLUMNS})")
-    order = ["free, cached", "free"]
-    rects = base.mark_rect(stroke="white").encode(
-        x=alt.X("col:O", axis=None),
-        y=alt.Y("row:O", axis=None),
-        color=alt.Color("state:N", legend=None, scale=alt.Scale(
-            domain=order, range=[STATE_COLOURS[s] for s in order])),
-        tooltip=[alt.Tooltip("position:Q", title="position (0: evicted next)"),
-                 alt.Tooltip("block_id:Q", title="block"), alt.Tooltip("state:N")],
-    )
-    text = base.mark_text(fontSize=8).encode(x="col:O", y="row:O", text="block_id:Q")
-    return alt.layer(rects, text).properties(title=title)

@@ -13,9 +13,10 @@ import streamlit as st
 
 from engine.trace import BlockState
 from store import RunInfo
-from ui import analysis, block_grid, block_text, charts, resources, timeline
+from ui import analysis, block_grid, block_grid_chart, block_text, charts, resources, timeline
 from ui import format as fmt
 from ui.block_cells import change_kinds, describe
+from ui.free_queue import free_queue_caption, free_queue_frame, free_queue_spec
 from ui.holders import NULL, Holders
 
 STEP_KEY = "replay_step"
@@ -139,15 +140,15 @@ def grid(info: RunInfo, state: BlockState, holders: Holders | None,
                 if layout.aggregated else "")
     st.caption(f"**KV blocks after step {step}**: {fmt.count(layout.hi - layout.lo + 1)} of "
                f"{fmt.count(n)} shown{per_cell}")
-    st.vega_lite_chart(block_grid.block_grid_spec(frame, layout), width="stretch")
+    st.vega_lite_chart(block_grid_chart.block_grid_spec(frame, layout), width="stretch")
 
 
 def free_queue(state: BlockState, row: pd.DataFrame) -> None:
     if not row.empty:
         r = row.iloc[0]
-        st.caption(block_grid.free_queue_caption(int(r["blocks_free"]),
+        st.caption(free_queue_caption(int(r["blocks_free"]),
                                                  int(r["blocks_cached_free"])))
-    st.vega_lite_chart(block_grid.free_queue_spec(block_grid.free_queue_frame(state)),
+    st.vega_lite_chart(free_queue_spec(free_queue_frame(state)),
                        width="content")
 
 
