@@ -120,6 +120,18 @@ def store(tmp_path, monkeypatch):
     return open_store(url)
 
 
+@pytest.fixture
+def fresh_cpu_library(monkeypatch, tmp_path):
+    """The CPU kernels' library (engine/cpu) with a state and build cache of the test's own;
+    the process-wide state is restored after (the next call loads it again)."""
+    from engine.cpu import library
+
+    monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
+    library.reset()
+    yield library
+    library.reset()
+
+
 # Fuzz case counts (tests/test_fuzz_inputs.py): printed at the end of every pytest run and
 # written to artifacts/fuzz-counts.json, the figure README's "Reliability" section states.
 FUZZ_COUNTS: collections.Counter[str] = collections.Counter()

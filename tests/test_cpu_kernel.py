@@ -20,15 +20,6 @@ needs_kernel = pytest.mark.skipif(not cpu_kernel.available(),
                                   reason="CPU decode kernel could not be built (no gcc?)")
 
 
-@pytest.fixture
-def fresh_kernel(monkeypatch, tmp_path):
-    """A kernel state and build cache of the test's own; the process-wide state is restored."""
-    monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
-    library.reset()
-    yield
-    library.reset()
-
-
 def make_case(batch: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
               context_lens: list[int], seed: int) -> dict:
     """Scattered, shuffled block tables padded with block 0, over a cache full of random data
@@ -143,7 +134,7 @@ def test_bad_block_id_raises_instead_of_reading_wild_memory():
         kernel(c)
 
 
-def test_disabled_by_env_falls_back(monkeypatch, fresh_kernel):
+def test_disabled_by_env_falls_back(monkeypatch, fresh_cpu_library):
     monkeypatch.setenv(library.DISABLE_ENV, "1")
     c = make_case(2, 4, 2, 16, 16, [20, 40], seed=4)
     assert kernel(c) is None
@@ -161,7 +152,7 @@ def test_bf16_falls_back():
     assert kernel(c) is None
 
 
-def test_failing_compiler_warns_once_and_falls_back(monkeypatch, fresh_kernel, caplog):
+def test_failing_compiler_warns_once_and_falls_back(monkeypatch, fresh_cpu_library, caplog):
     monkeypatch.setattr(library, "COMPILER", ["false"])  # exits 1, like a broken build
     c = make_case(2, 4, 2, 16, 16, [20, 40], seed=6)
     with caplog.at_level(logging.WARNING, logger=library.__name__):
@@ -172,7 +163,7 @@ def test_failing_compiler_warns_once_and_falls_back(monkeypatch, fresh_kernel, c
     assert not list(library.library_path().parent.glob("*"))  # no half-written library
 
 
-def test_missing_compiler_falls_back(monkeypatch, fresh_kernel, caplog):
+def test_missing_compiler_falls_back(monkeypatch, fresh_cpu_library, caplog):
     monkeypatch.setattr(library, "COMPILER", ["kvlab-no-such-cc"])
     with caplog.at_level(logging.WARNING, logger=library.__name__):
         assert not cpu_kernel.available()
@@ -180,7 +171,7 @@ def test_missing_compiler_falls_back(monkeypatch, fresh_kernel, caplog):
 
 
 @needs_kernel
-def test_build_is_cached_by_source_and_flags(fresh_kernel):
+def test_build_is_cached_by_source_and_flags(fresh_cpu_library):
     assert cpu_kernel.available()
     path = library.library_path()
     assert path.exists() and path.parent.name == "kernels"

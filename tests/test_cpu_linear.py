@@ -14,15 +14,6 @@ needs_kernel = pytest.mark.skipif(not linear.available(),
                                   reason="no AVX512-BF16 on this CPU, or no gcc")
 
 
-@pytest.fixture
-def fresh_library(monkeypatch, tmp_path):
-    """A library state and build cache of the test's own; the process-wide state is restored."""
-    monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
-    library.reset()
-    yield
-    library.reset()
-
-
 def operands(rows: int, out_features: int, in_features: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, in_features, generator=g).bfloat16()
@@ -81,7 +72,7 @@ def test_llama_linear_uses_the_kernel_for_decode_rows(monkeypatch):
     assert calls == [(2, 64)]
 
 
-def test_disabled_by_env_falls_back_to_f_linear(monkeypatch, fresh_library):
+def test_disabled_by_env_falls_back_to_f_linear(monkeypatch, fresh_cpu_library):
     monkeypatch.setenv(library.DISABLE_ENV, "1")
     assert not linear.available()
     x, w = operands(1, 96, 64, seed=5)
@@ -89,7 +80,7 @@ def test_disabled_by_env_falls_back_to_f_linear(monkeypatch, fresh_library):
     assert torch.equal(llama.linear(x, w), F.linear(x, w))
 
 
-def test_a_cpu_without_avx512_bf16_falls_back(monkeypatch, fresh_library):
+def test_a_cpu_without_avx512_bf16_falls_back(monkeypatch, fresh_cpu_library):
     """Built without the instructions (as on a CPU that lacks them), the kernel says so and
     the caller keeps F.linear; the decode kernel in the same library still serves."""
     if library.load() is None:

@@ -61,7 +61,7 @@ def test_llama_helper_uses_the_kernel_but_lets_hooks_fire(monkeypatch):
     assert torch.equal(seen[0], normed) and torch.equal(total, x + x)
 
 
-def test_what_the_kernel_does_not_serve_runs_pytorch(monkeypatch):
+def test_what_the_kernel_does_not_serve_runs_pytorch():
     module = make_norm(64, seed=2)
     assert norm.rms_norm_bf16(torch.randn(2, 64), module.weight.float(), 1e-5) is None  # fp32
     wide = make_norm(8193, seed=3)
@@ -71,15 +71,10 @@ def test_what_the_kernel_does_not_serve_runs_pytorch(monkeypatch):
     assert torch.equal(normed, wide(x)) and total is x
 
 
-def test_disabled_library_runs_pytorch(monkeypatch, tmp_path):
-    monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
+def test_disabled_library_runs_pytorch(monkeypatch, fresh_cpu_library):
     monkeypatch.setenv(library.DISABLE_ENV, "1")
-    library.reset()
-    try:
-        module = make_norm(64, seed=4)
-        x, r = torch.randn(2, 64).bfloat16(), torch.randn(2, 64).bfloat16()
-        assert norm.rms_norm_bf16(x, module.weight, module.eps, r) is None
-        normed, total = rms_norm(module, x, residual=r)
-        assert torch.equal(total, x + r) and torch.equal(normed, module(x + r))
-    finally:
-        library.reset()
+    module = make_norm(64, seed=4)
+    x, r = torch.randn(2, 64).bfloat16(), torch.randn(2, 64).bfloat16()
+    assert norm.rms_norm_bf16(x, module.weight, module.eps, r) is None
+    normed, total = rms_norm(module, x, residual=r)
+    assert torch.equal(total, x + r) and torch.equal(normed, module(x + r))

@@ -57,15 +57,10 @@ def test_calls_the_kernels_do_not_serve():
     assert not pointwise.rope_bf16(x.transpose(0, 1), 2, cos, cos)
 
 
-def test_disabled_library_leaves_pytorch_to_do_it(monkeypatch, tmp_path):
-    monkeypatch.setenv("KVLAB_CACHE_DIR", str(tmp_path))
+def test_disabled_library_leaves_pytorch_to_do_it(monkeypatch, fresh_cpu_library):
     monkeypatch.setenv(library.DISABLE_ENV, "1")
-    library.reset()
-    try:
-        x = torch.randn(2, 3, 8).bfloat16()
-        before = x.clone()
-        cos = torch.ones(2, 1, 8).bfloat16()
-        assert pointwise.silu_mul_bf16(torch.randn(2, 8).bfloat16()) is None
-        assert not pointwise.rope_bf16(x, 2, cos, cos) and torch.equal(x, before)
-    finally:
-        library.reset()
+    x = torch.randn(2, 3, 8).bfloat16()
+    before = x.clone()
+    cos = torch.ones(2, 1, 8).bfloat16()
+    assert pointwise.silu_mul_bf16(torch.randn(2, 8).bfloat16()) is None
+    assert not pointwise.rope_bf16(x, 2, cos, cos) and torch.equal(x, before)

@@ -146,10 +146,8 @@ def grid(info: RunInfo, state: BlockState, holders: Holders | None,
 def free_queue(state: BlockState, row: pd.DataFrame) -> None:
     if not row.empty:
         r = row.iloc[0]
-        st.caption(free_queue_caption(int(r["blocks_free"]),
-                                                 int(r["blocks_cached_free"])))
-    st.vega_lite_chart(free_queue_spec(free_queue_frame(state)),
-                       width="content")
+        st.caption(free_queue_caption(int(r["blocks_free"]), int(r["blocks_cached_free"])))
+    st.vega_lite_chart(free_queue_spec(free_queue_frame(state)), width="content")
 
 
 def inspector(info: RunInfo, state: BlockState, holders: Holders | None,
