@@ -19,6 +19,7 @@ from torch import nn
 from engine.attention.layer import Attention
 from engine.attention.metadata import AttentionMetadata
 from engine.cpu import linear as cpu_linear
+from engine.cpu import llama_layer as cpu_layer
 from engine.cpu import norm as cpu_norm
 from engine.cpu import pointwise as cpu_pointwise
 from engine.kv_cache.spec import KVCacheSpec
@@ -60,14 +61,21 @@ def rms_norm(norm: nn.RMSNorm, x: torch.Tensor, residual: torch.Tensor | None = 
     """(norm(s), s) for s = x + residual, or s = x without a residual: on CPU bf16 one C call
     (engine/cpu/norm.py), else PyTorch's ops. A norm with hooks (calibration watches the
     norms' outputs) always runs as a module, so the hooks fire."""
-    if not (norm._forward_hooks or norm._forward_pre_hooks):
-        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-        fused = cpu_norm.rms_norm_bf16(x, norm.weight, eps, residual)
+    if not _has_hooks(norm):
+        fused = cpu_norm.rms_norm_bf16(x, norm.weight, _eps(norm, x), residual)
         if fused is not None:
             normed, total = fused
             return normed, x if total is None else total
     total = x if residual is None else x + residual
     return norm(total), total
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _eps(norm: nn.RMSNorm, x: torch.Tensor) -> float:
+    return norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -101,10 +109,15 @@ class SelfAttention(nn.Module):
             qk = qkv[:, : h + hk]
         else:
             qk = apply_rope(qkv[:, : h + hk], cos, sin)  # (T, H + Hk, D)
-        q, k = qk[:, :h], qk[:, h:]  # (T, H, D), (T, Hk, D)
-        v = qkv[:, h + hk:]  # (T, Hk, D)
+        out = self.attend(qk, qkv[:, h + hk:], attention, metadata)  # (T, H * D)
+        return linear(out, self.o_proj.weight)  # (T, C)
+
+    def attend(self, qk: torch.Tensor, v: torch.Tensor, attention: Attention,
+               metadata: list[AttentionMetadata]) -> torch.Tensor:
+        """Rotated q and k (T, H + Hk, D), v (T, Hk, D) -> attention output (T, H * D)."""
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]  # (T, H, D), (T, Hk, D)
         out = attention.forward(q, k, v, metadata)  # (T, H, D)
-        return linear(out.reshape(t, h * d), self.o_proj.weight)  # (T, C)
+        return out.reshape(qk.shape[0], self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -134,9 +147,32 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attention: Attention, metadata: list[AttentionMetadata]) -> torch.Tensor:
+        if self._fusable(x):
+            return self._forward_fused(x, cos, sin, attention, metadata)
         h = self.attn(rms_norm(self.attn_norm, x)[0], cos, sin, attention, metadata)  # (T, C)
         normed, x = rms_norm(self.mlp_norm, h, residual=x)  # norm(x + h), x + h
         return x + self.mlp(normed)  # (T, C)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """CPU bf16 decode sizes, and no hooks on the modules the fused calls bypass
+        (calibration watches the norms' outputs)."""
+        return (not any(map(_has_hooks, (self.attn_norm, self.attn, self.mlp_norm, self.mlp)))
+                and cpu_layer.applies(x, self.attn.qkv_proj.weight, self.attn.o_proj.weight,
+                                      self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight,
+                                      self.attn_norm.weight, self.mlp_norm.weight))
+
+    def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       attention: Attention, metadata: list[AttentionMetadata]) -> torch.Tensor:
+        """The same layer as two C calls around attention (engine/cpu/llama_layer.py), with
+        bit-identical results: the decode step's matmuls then stream back to back."""
+        attn, mlp = self.attn, self.mlp
+        rotated = attn.num_heads + attn.num_kv_heads  # q and k
+        qkv = cpu_layer.attention_in(x, self.attn_norm.weight, _eps(self.attn_norm, x),
+                                     attn.qkv_proj.weight, cos, sin, rotated, attn.head_dim)
+        out = attn.attend(qkv[:, :rotated], qkv[:, rotated:], attention, metadata)  # (T, H*D)
+        return cpu_layer.mlp_out(out, x, attn.o_proj.weight, self.mlp_norm.weight,
+                                 _eps(self.mlp_norm, x), mlp.gate_up_proj.weight,
+                                 mlp.down_proj.weight)  # (T, C)
 
 
 class Llama(nn.Module):
@@ -176,9 +212,53 @@ class Llama(nn.Module):
         # HF casts cos/sin to the activation dtype before rotating; so do we
         cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # (T, 1, D)
         sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)  # (T, 1, D)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attention[layer.layer], metadata)  # (T, C)
+        stacked = self._decode_layers_fused(x, cos, sin, attention, metadata)
+        if stacked is not None:
+            x = stacked
+        else:
+            for layer in self.layers:
+                x = layer(x, cos, sin, attention[layer.layer], metadata)  # (T, C)
         return rms_norm(self.norm, x)[0]  # (T, C)
+
+    def _decode_layers_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             attention: list[Attention], metadata: list[AttentionMetadata]
+                             ) -> torch.Tensor | None:
+        """A CPU bf16 decode-only step through every layer in one C call
+        (engine/cpu/llama_layer.py), with the op-by-op path's results bit for bit: one cache
+        group, plain fp32 or bf16 caches under the fused attention kernel, nothing scored, no
+        hooks. None where the step or a layer does not qualify."""
+        if not cpu_layer.applies(x):
+            return None
+        caches = [attention[layer.layer].caches for layer in self.layers]
+        group = caches[0][0].group_id
+        meta = metadata[group]
+        if (meta.num_prefill_tokens or meta.mass_mode is not None
+                or meta.decode_block_tables.shape[0] != x.shape[0]):
+            return None
+        layers, eps = [], _eps(self.layers[0].attn_norm, x)
+        for layer, shares in zip(self.layers, caches, strict=True):
+            # the modules' own dicts, not attribute access: nn.Module.__getattr__ costs ~1.5 us
+            # a name, ~0.4 ms a step over SmolLM2's 30 layers (timed), ~3 % of the step
+            mods = layer._modules
+            attn, mlp = mods["attn"], mods["mlp"]
+            attn_norm, mlp_norm = mods["attn_norm"], mods["mlp_norm"]
+            if (len(shares) != 1 or shares[0].group_id != group
+                    or attention[layer.layer].backend.name != "cpu-kernel"
+                    or any(map(_has_hooks, (layer, attn_norm, attn, mlp_norm, mlp)))
+                    or _eps(attn_norm, x) != eps or _eps(mlp_norm, x) != eps):
+                return None
+            projections, mlp_projections = attn._modules, mlp._modules
+            layers.append((attn_norm._parameters["weight"],
+                           projections["qkv_proj"]._parameters["weight"],
+                           projections["o_proj"]._parameters["weight"],
+                           mlp_norm._parameters["weight"],
+                           mlp_projections["gate_up_proj"]._parameters["weight"],
+                           mlp_projections["down_proj"]._parameters["weight"],
+                           shares[0]["k"], shares[0]["v"]))
+        return cpu_layer.decode_layers(
+            x, cos, sin, layers, self.config.num_heads, self.config.head_dim, eps,
+            meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
+            self.attention_scale, caches[0][0].null_block)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, C) -> fp32 logits (N, V). Only call it on the rows you sample from: the

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.host_memory import pack_parameters
 from engine.models.config import MODEL_CONFIGS, LlamaConfig, ModelConfig
 from engine.models.deepseek import DeepseekV2
 from engine.models.hf_config import ModelFolderError, looks_like_path
@@ -54,8 +55,12 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor],
     sd = {name: t.to(device=device, dtype=torch.float32 if name.endswith(FP32_SUFFIXES)
                      else dtype) for name, t in state_dict.items()}
     model.load_state_dict(sd, assign=True, strict=True)
+    del sd
     model.reset_rope(device)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if device.type == "cpu":  # decode streams every weight each step: huge pages read faster
+        pack_parameters(model)
+    return model
 
 
 def build_llama(config: LlamaConfig, state_dict: dict[str, torch.Tensor],
