@@ -26,9 +26,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import engine  # noqa: E402, F401, I001 - before torch, as in cli.py: see engine/__init__.py
+import torch  # noqa: E402
 
 from engine.config import RunConfig, SamplingConfig, WorkloadSpec  # noqa: E402
 from engine.roofline import bandwidth, measure_bandwidth  # noqa: E402
