@@ -36,7 +36,8 @@ def empty_bytes(nbytes: int) -> torch.Tensor:
 
 def pack_parameters(module: nn.Module) -> int:
     """Move every CPU parameter of `module` into one huge-page region (values and sharing
-    unchanged: tied weights stay one tensor). Returns the bytes moved."""
+    unchanged: tied weights stay one tensor). Returns the bytes moved: 0 when no region could
+    be mapped, and the parameters then stay where they are."""
     params = [p for p in {id(p): p for p in module.parameters()}.values()
               if p.device.type == "cpu" and p.numel()]
     sizes = [p.numel() * p.element_size() for p in params]
@@ -46,7 +47,10 @@ def pack_parameters(module: nn.Module) -> int:
         total += -(-size // ALIGN) * ALIGN
     if not params:
         return 0
-    region = empty_bytes(total)
+    try:
+        region = empty_bytes(total)
+    except (OSError, ValueError, MemoryError):  # no anonymous mapping here: keep torch's memory
+        return 0
     for p, offset, size in zip(params, offsets, sizes, strict=True):
         packed = region[offset: offset + size].view(p.dtype).view(p.shape)
         packed.copy_(p.data)

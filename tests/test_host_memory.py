@@ -51,3 +51,16 @@ def test_a_loaded_cpu_model_lies_in_one_region():
     ptrs = sorted(p.data_ptr() for p in params)
     assert ptrs[-1] - ptrs[0] < total + len(params) * host_memory.ALIGN
     assert not any(p.requires_grad for p in params)
+
+
+def test_when_no_region_can_be_mapped_the_weights_stay(monkeypatch):
+    module = Tied().requires_grad_(False)
+    before = {name: (p.data_ptr(), p.clone()) for name, p in module.named_parameters()}
+
+    def refuse(nbytes):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(host_memory, "empty_bytes", refuse)
+    assert host_memory.pack_parameters(module) == 0
+    for name, p in module.named_parameters():
+        assert p.data_ptr() == before[name][0] and torch.equal(p, before[name][1])
