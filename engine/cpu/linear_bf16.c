@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "kernels.h"
 #include "pool.h"
 
 #ifdef __AVX512BF16__

@@ -15,15 +15,7 @@
 #include <string.h>
 
 #include "bf16.h"
-
-/* the kernels chained (linear_bf16.c, rms_norm_bf16.c, pointwise_bf16.c) */
-int linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int M, int N, int K,
-                int nthreads);
-int rms_norm_bf16(const uint16_t *x, const uint16_t *residual, uint16_t *sum_out,
-                  const uint16_t *weight, uint16_t *out, int rows, int C, float eps);
-void silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int rows, int inter);
-void rope_bf16(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int rows, int heads,
-               int heads_total, int D);
+#include "kernels.h"
 
 /* qkv (M, heads_total, D) = rope(rms_norm(x) @ w_qkv.T) for x (M, C), with the first
  * `rotated` heads (q then k) rotated by cos, sin (M, D). Returns 0 or a kernel's status. */
@@ -66,19 +58,6 @@ int llama_mlp_out_bf16(const uint16_t *attn, const uint16_t *x, const uint16_t *
     free(h);
     return status;
 }
-
-/* the paged decode kernels (paged_decode.c) */
-int paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
-                     const int64_t *block_tables, const int64_t *context_lens, float *out, int B,
-                     int H, int Hk, int D, int num_blocks, int block_size,
-                     int max_blocks_per_seq, float scale, int nthreads, int64_t null_block);
-int paged_decode_quant(int format, const float *q, const uint8_t *k_q, const uint8_t *v_q,
-                       const uint16_t *k_scale, const uint16_t *k_min, const uint16_t *v_scale,
-                       const uint16_t *v_min, int groups, const float *res_k,
-                       const float *res_v, int slots, const int64_t *tail_slots,
-                       const int64_t *block_tables, const int64_t *context_lens, float *out,
-                       int B, int H, int Hk, int D, int num_blocks, int block_size,
-                       int max_blocks_per_seq, float scale, int nthreads, int64_t null_block);
 
 enum { CACHE_F32 = 0, CACHE_BF16 = 4 }; /* paged_decode.c's format numbers */
 enum { NORM_IN, W_QKV, W_O, NORM_MLP, W_GATE_UP, W_DOWN, K_CACHE, V_CACHE, LAYER_PTRS };

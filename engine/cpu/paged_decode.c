@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "pool.h"
 
 /* gcc left the per-block helpers out of line when merely `inline`: ~10 % slower, measured */

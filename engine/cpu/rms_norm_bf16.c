@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "kernels.h"
 
 /* x, out (rows, C); weight (C,). With sum_out not NULL, the row normed is x + residual (both
  * (rows, C)), and that sum is written to sum_out. C <= 8192. Returns 0, or -2 for a C too
