@@ -1,8 +1,10 @@
-"""A Llama decoder layer's work around attention in two C calls, for the few bf16 rows of a CPU
-decode step (engine/cpu/llama_layer_bf16.c): `attention_in` (norm, q/k/v projection, RoPE)
-and `mlp_out` (output projection, residual, norm, SwiGLU MLP, residual).
+"""A Llama decoder layer's work in C, for the few bf16 rows of a CPU decode step
+(engine/cpu/llama_layer_bf16.c): `decode_layers` runs every layer of a decode-only step in one
+call, attention included; elsewhere `attention_in` (norm, q/k/v projection, RoPE) and
+`mlp_out` (output projection, residual, norm, SwiGLU MLP, residual) are a layer's work around
+attention in two calls.
 
-`applies` says whether a step's rows may take this path (CPU bf16 tensors autograd does not
+`applies` says whether a step's rows may take these paths (CPU bf16 tensors autograd does not
 follow, at most linear.MAX_ROWS rows, a library built with AVX512-BF16); otherwise the model
 runs its op-by-op path, whose results these calls reproduce bit for bit.
 """
@@ -87,6 +89,7 @@ _DECODE_LAYERS = library.Entry(
     [_ptr] * 4 + [_c_int] * 7 + [_c_float, _c_int] + [_ptr] * 3 + [_c_int] * 3
     + [_c_float, ctypes.c_int64, _c_int])
 CACHE_FORMATS = {torch.float32: 0, torch.bfloat16: 4}  # paged_decode.c's format numbers
+MAX_HEAD_DIM = 512  # paged_decode.c's per-thread row buffers
 
 
 def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -108,7 +111,8 @@ def decode_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     shapes = [(width,), (qkv_rows, width), (width, num_heads * head_dim), (width,),
               (2 * inter, width), (width, inter), k0.shape, k0.shape]
     fmt = CACHE_FORMATS.get(k0.dtype)
-    if (fmt is None or k0.shape[3] != head_dim or num_heads % num_kv_heads
+    if (fmt is None or k0.shape[3] != head_dim or head_dim > MAX_HEAD_DIM
+            or num_heads % num_kv_heads
             or slots.shape != (rows,) or context_lens.shape != (rows,)
             or block_tables.dim() != 2 or block_tables.shape[0] != rows
             or any(t.dtype != torch.int64 or not t.is_contiguous()
