@@ -101,18 +101,25 @@ def per_step_chart(long: pd.DataFrame | alt.NamedData, title: str, *, stacked: b
 def block_mix_chart(mix: pd.DataFrame | alt.NamedData, *, title: str = "KV blocks",
                     x: str = "step") -> alt.Chart:
     """Stacked area of blocks in use / free but cached / free per step (ui.analysis.block_mix)."""
-    order = list(STATE_COLOURS)
+    return stacked_state_area(mix, STATE_COLOURS, "blocks", title=title, x=x)
+
+
+def stacked_state_area(source: pd.DataFrame | alt.Data | alt.NamedData, colours: dict[str, str],
+                       count: str, *, title: str, x: str = "step") -> alt.Chart:
+    """Stacked step-area of `count` per `state` along x, stacked and coloured in the order of
+    `colours` (state -> colour): the block mix here, the requests by state in ui/timeline.py."""
+    order = list(colours)
     return (
-        alt.Chart(mix, title=title)
+        alt.Chart(source, title=title)
         .mark_area(interpolate="step-after")
         .encode(
             x=alt.X(f"{x}:Q", title=X_TITLES[x]),
-            y=alt.Y("blocks:Q", stack="zero", title="blocks"),
+            y=alt.Y(f"{count}:Q", stack="zero", title=count),
             color=alt.Color("state:N", scale=alt.Scale(domain=order,
-                            range=[STATE_COLOURS[s] for s in order]),
+                            range=[colours[s] for s in order]),
                             legend=alt.Legend(orient="bottom", title=None)),
             order=alt.Order("state_order:Q"),
-            tooltip=["step:Q", "state:N", "blocks:Q"],
+            tooltip=["step:Q", "state:N", f"{count}:Q"],
         )
         .transform_calculate(state_order=f"indexof({order!r}, datum.state)")
     )

@@ -14,6 +14,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from ui.charts import stacked_state_area
+
 TIMELINE_COLOURS = {"waiting": "#9ca3af", "running": "#2563eb", "preempted": "#dc2626"}
 _NEXT_STATE = {"arrive": "waiting", "schedule": "running", "preempt": "preempted",
                "finish": None}
@@ -111,14 +113,5 @@ def state_counts_chart(counts: pd.DataFrame | alt.NamedData, *,
                        title: str = "requests by state") -> alt.Chart:
     """Stacked area of the requests waiting / running / preempted at each step (a frame from
     `state_counts`, or the name of a dataset holding one)."""
-    order = list(TIMELINE_COLOURS)
     source = counts if isinstance(counts, alt.NamedData) else _values(counts)
-    return alt.Chart(source, title=title).mark_area(interpolate="step-after").encode(
-        x=alt.X("step:Q", title="step"),
-        y=alt.Y("requests:Q", stack="zero", title="requests"),
-        color=alt.Color("state:N", scale=alt.Scale(domain=order,
-                        range=[TIMELINE_COLOURS[s] for s in order]),
-                        legend=alt.Legend(orient="bottom", title=None)),
-        order=alt.Order("state_order:Q"),
-        tooltip=["step:Q", "state:N", "requests:Q"],
-    ).transform_calculate(state_order=f"indexof({order!r}, datum.state)")
+    return stacked_state_area(source, TIMELINE_COLOURS, "requests", title=title)

@@ -5,7 +5,8 @@ call, attention included; elsewhere `attention_in` (norm, q/k/v projection, RoPE
 attention in two calls.
 
 `applies` says whether a step's rows may take these paths (CPU bf16 tensors autograd does not
-follow, at most linear.MAX_ROWS rows, a library built with AVX512-BF16); otherwise the model
+follow, at most linear.MAX_ROWS rows, a library built with AVX512-BF16), `weights_apply`
+whether a layer's weights may (`decode_layers` checks its own); otherwise the model
 runs its op-by-op path, whose results these calls reproduce bit for bit.
 """
 
@@ -26,15 +27,19 @@ _MLP_OUT = library.Entry("llama_mlp_out_bf16",
 MAX_WIDTH = 8192  # the norm kernel's row buffer (rms_norm_bf16.c)
 
 
-def applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether the fused calls serve activations x (T, C) with these weights. Called for every
-    layer of every step: cheap checks only."""
+def applies(x: torch.Tensor) -> bool:
+    """Whether the fused calls serve activations x (T, C): CPU bf16 at decode sizes, with the
+    library loaded. Called for every step (and layer) on every device: cheap checks only, and
+    the caller asks this before it fetches any weight."""
     return (x.dtype == torch.bfloat16 and x.is_cpu and x.dim() == 2
             and 0 < x.shape[0] <= linear.MAX_ROWS and x.shape[1] <= MAX_WIDTH
-            and all(w.dtype == torch.bfloat16 and w.is_cpu and w.is_contiguous()
-                    for w in weights)
-            and not tracks_grad(x, *weights) and linear.available()
-            and _MLP_OUT.get() is not None)
+            and not tracks_grad(x) and linear.available() and _MLP_OUT.get() is not None)
+
+
+def weights_apply(*weights: torch.Tensor) -> bool:
+    """Whether the two-call layer path serves these weights (once `applies(x)`)."""
+    return all(w.dtype == torch.bfloat16 and w.is_cpu and w.is_contiguous()
+               for w in weights) and not tracks_grad(*weights)
 
 
 def _check(status: int, name: str) -> None:

@@ -156,10 +156,13 @@ class DecoderLayer(nn.Module):
     def _fusable(self, x: torch.Tensor) -> bool:
         """CPU bf16 decode sizes, and no hooks on the modules the fused calls bypass
         (calibration watches the norms' outputs)."""
-        return (not any(map(_has_hooks, (self.attn_norm, self.attn, self.mlp_norm, self.mlp)))
-                and cpu_layer.applies(x, self.attn.qkv_proj.weight, self.attn.o_proj.weight,
-                                      self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight,
-                                      self.attn_norm.weight, self.mlp_norm.weight))
+        # x first: on GPU, fp32 and long prefill chunks the weights are never fetched
+        return (cpu_layer.applies(x)
+                and not any(map(_has_hooks, (self.attn_norm, self.attn, self.mlp_norm, self.mlp)))
+                and cpu_layer.weights_apply(
+                    self.attn.qkv_proj.weight, self.attn.o_proj.weight,
+                    self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight,
+                    self.attn_norm.weight, self.mlp_norm.weight))
 
     def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        attention: Attention, metadata: list[AttentionMetadata]) -> torch.Tensor:
