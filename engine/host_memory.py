@@ -5,7 +5,8 @@ Why: a decode step reads every weight once. On 4 KiB pages SmolLM2's 270 MB of b
 are ~66,000 pages, each a TLB miss, and in a VM each miss is a two-level (guest and host) page
 walk. Linux gives transparent huge pages only where asked (`madvise` mode, the default on the
 lab's VMs), so PyTorch's allocations never get them. Measured on the 2-core EPYC VM: a plain
-read of 256 MiB 27 -> 31 GB/s, and the batch-1 bf16 decode step 17.5 -> 14.6 ms.
+read of 256 MiB 27 -> 31 GB/s, and batch-1 bf16 decode steps 10.7-11.4 -> 9.9-10.7 ms
+(bench/cpu_decode.py; 17.0 -> 15.1 ms before the decode layers were fused).
 
 Where the kernel refuses (no THP, another OS) the memory is still an ordinary anonymous
 mapping: everything works, only without the speed-up.

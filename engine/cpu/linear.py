@@ -16,9 +16,9 @@ import torch
 from engine.cpu import library, tracks_grad
 
 # Above this many rows oneDNN's blocked GEMM, which reuses each weight tile across rows from
-# registers more than this kernel's 4x4 tiles do, catches up. All of SmolLM2's matmuls on the
-# 2-core EPYC, kernel vs F.linear: 1 row 6-9 vs 15-24 ms, 8 rows 11.6 vs 18.8, 16 rows 16.1 vs
-# 27.3, 32 rows 27.6 vs 34.3 (bandwidth, and so both columns, moves with the neighbours).
+# registers more than this kernel's 4x4 tiles do, catches up. All of SmolLM2's layer matmuls on
+# the 2-core EPYC, kernel vs F.linear (bench/cpu_decode.py): 1 row 7.5 vs 15.5 ms, 8 rows 11.7
+# vs 18.6, 16 rows 14.8 vs 22.3, 32 rows 26.0 vs 29.8.
 MAX_ROWS = 32
 _ptr, _c_int = ctypes.c_void_p, ctypes.c_int
 
